@@ -1,0 +1,135 @@
+"""The seed's entry point: ``sparsify_model`` attaches masks and keeps them enforced."""
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .algorithms.base import SparsityAlgorithm
+from .distributions import uniform_sparsity
+from .masks import attach_mask, sparse_params
+
+__all__ = ["sparsify_model", "SparseHandle"]
+
+# Optimizers whose masks a Sparsifier already re-applies after each step (its own hook).
+_ENGINE_OPTIMIZERS: "weakref.WeakSet" = weakref.WeakSet()
+_HANDLES: "weakref.WeakKeyDictionary[nn.Module, SparseHandle]" = weakref.WeakKeyDictionary()
+
+
+def _pick(name: str, values: dict):
+    given = {k: v for k, v in values.items() if v is not None}
+    if len({id(v) for v in given.values()}) > 1:
+        raise TypeError(f"{name} given twice under different spellings: {sorted(given)}; pass one of them")
+    return next(iter(given.values()), None)
+
+
+class SparseHandle:
+    """Keeps a model's masks enforced; ``remove()`` stops that (the masks stay in the state_dict).
+
+    Enforcement: after every ``step()`` of any torch optimizer that holds the model's
+    parameters, and before a forward pass whose weights were not masked since the last
+    step (this covers optimizers that are not torch ones, such as fastai's).
+    """
+
+    def __init__(self, model: nn.Module, enforce: bool = True):
+        self.model = model
+        self._fresh = False
+        self._hooks = []
+        self._cache: tuple | None = None
+        if enforce:
+            self._hooks.append(model.register_forward_pre_hook(self._before_forward))
+            self._hooks.append(register_optimizer_step_post_hook(self._after_step))
+            _HANDLES[model] = self
+
+    def _tensors(self):
+        sps = sparse_params(self.model) if self._cache is None else self._cache[0]
+        if self._cache is None or (sps and sps[0].module._buffers.get(sps[0].attr + "_mask") is not self._cache[2][0]):
+            sps = sparse_params(self.model)
+            self._cache = (sps, [sp.param for sp in sps], [sp.mask for sp in sps])
+        return self._cache[1], self._cache[2]
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        params, masks = self._tensors()
+        if params:
+            torch._foreach_mul_(params, masks)
+        self._fresh = True
+
+    def _owns(self, optimizer) -> bool:
+        params, _ = self._tensors()
+        ids = {id(p) for p in params}
+        return any(id(p) in ids for g in optimizer.param_groups for p in g["params"])
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if optimizer in _ENGINE_OPTIMIZERS:
+            self._fresh = True
+        elif self._owns(optimizer):
+            self.apply()
+
+    def _before_forward(self, module, args) -> None:
+        if self._fresh:
+            self._fresh = False
+        else:
+            self.apply()
+            self._fresh = False
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if _HANDLES.get(self.model) is self:
+            del _HANDLES[self.model]
+
+    def __len__(self) -> int:  # seed code treated the result as a list of hooks
+        return len(self._hooks)
+
+    def __iter__(self):
+        return iter(self._hooks)
+
+
+def mark_fresh(model: nn.Module) -> None:
+    """Tell a model's handle that its masks were just applied (the engine's hot path calls this)."""
+    handle = _HANDLES.get(model)
+    if handle is not None:
+        handle._fresh = True
+
+
+@torch.no_grad()
+def sparsify_model(
+    model: nn.Module,
+    model_sparsity: float,
+    sparse_f: Callable | str | None = None,
+    enforce_masks: bool | None = None,
+    init_method: str = "random",
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    seed: int = 0,
+    *,
+    sparse_init_f: Callable | str | None = None,
+    sparsify_method: Callable | str | None = None,
+    enforce_mask: bool | None = None,
+) -> SparseHandle:
+    """Attach masks at ``model_sparsity`` with the layer distribution ``sparse_f`` and enforce them.
+
+    ``sparse_f`` (also spelled ``sparse_init_f`` or ``sparsify_method``) is a name or a
+    function ``f(params, model_sparsity) -> list of sparsities``; uniform by default.
+    ``init_method`` is ``random``, ``topk`` or ``from_zeros``. Returns a handle whose
+    ``remove()`` stops enforcement; the masks stay as buffers (``<param>_mask``).
+    """
+    dist_f = _pick("the distribution", {"sparse_f": sparse_f, "sparse_init_f": sparse_init_f,
+                                         "sparsify_method": sparsify_method}) or uniform_sparsity
+    enforce = _pick("enforce_masks", {"enforce_masks": enforce_masks, "enforce_mask": enforce_mask})
+    enforce = True if enforce is None else bool(enforce)
+    static = SparsityAlgorithm(model_sparsity, dist_f, init_method, include, exclude)
+    params = static.select(model)
+    sparsities = static.initial_sparsities(params)
+    masks = static.initial_masks(params, sparsities, seed)
+    for sp, m in zip(params, masks):
+        attach_mask(sp, m)
+    old = _HANDLES.get(model)
+    if old is not None:
+        old.remove()
+    return SparseHandle(model, enforce)

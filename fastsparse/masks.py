@@ -1,0 +1,215 @@
+"""Masks: bool buffers ``<param>_mask`` on the module that owns each sparse parameter.
+
+Keeping the mask as a persistent buffer next to its parameter means ``state_dict()``
+carries it, ``load_state_dict()`` restores it into a model that was sparsified first,
+``model.to(device)`` moves it and DDP can broadcast it. Everything else in the library
+finds the sparse parameters again from these buffers (:func:`sparse_params`).
+
+Selection is exact: :func:`topk_mask` keeps exactly ``k`` entries, chosen with
+``kthvalue`` (or an unsorted ``topk`` when ``k`` is small), never a full sort, and ties at
+the threshold go to the lowest flat index, so the result is the same on every device and
+every rank.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "MASK_SUFFIX", "SparseParam", "default_param_filter", "select_params", "sparse_params",
+    "attach_mask", "detach_masks", "apply_masks", "n_keep", "topk_mask", "global_topk_masks",
+    "sparsity_of",
+]
+
+MASK_SUFFIX = "_mask"
+
+_SPARSIFIABLE_MODULES = (
+    nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
+_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+_DENSE_NAME_PARTS = ("embed", "norm", "lm_head")
+
+
+@dataclass(frozen=True)
+class SparseParam:
+    """A parameter that carries a mask: ``module.<attr>`` is the weight, ``module.<attr>_mask`` the mask."""
+
+    name: str
+    module: nn.Module
+    attr: str
+
+    @property
+    def param(self) -> nn.Parameter:
+        return getattr(self.module, self.attr)
+
+    @property
+    def mask(self) -> Tensor:
+        return self.module._buffers[self.attr + MASK_SUFFIX]
+
+    @property
+    def mask_name(self) -> str:
+        return self.name + MASK_SUFFIX
+
+
+def n_keep(numel: int, sparsity: float) -> int:
+    """Number of weights a tensor of ``numel`` elements keeps at ``sparsity``: round((1 - s) * n)."""
+    return int(round((1.0 - sparsity) * numel))
+
+
+def sparsity_of(mask: Tensor) -> float:
+    return 1.0 - float(mask.sum()) / mask.numel()
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), attr
+
+
+def default_param_filter(name: str, param: Tensor, module: nn.Module) -> bool:
+    """Weights of Linear, Conv and MultiheadAttention projections; never biases, norms,
+    embeddings, ``lm_head`` or 1-D parameters."""
+    if param.dim() < 2 or any(part in name.lower() for part in _DENSE_NAME_PARTS):
+        return False
+    attr = name.rpartition(".")[2]
+    if isinstance(module, nn.MultiheadAttention):
+        return attr in _MHA_WEIGHTS
+    return isinstance(module, _SPARSIFIABLE_MODULES) and attr == "weight"
+
+
+def _as_patterns(patterns: str | Iterable[str] | None) -> list[str]:
+    if patterns is None:
+        return []
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def select_params(
+    model: nn.Module,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    param_filter: Callable[[str, Tensor, nn.Module], bool] | None = None,
+) -> list[SparseParam]:
+    """The parameters of ``model`` a sparsity method acts on, in ``named_parameters`` order.
+
+    With no ``include`` globs, :func:`default_param_filter` decides (or ``param_filter``
+    when given); with globs, any parameter of two or more dimensions whose name matches one
+    of them. ``exclude`` globs remove names afterwards. A pattern list that selects nothing
+    is an error: a filter that matches no parameter is almost always a typo.
+    """
+    inc, exc = _as_patterns(include), _as_patterns(exclude)
+    chosen = []
+    for name, param in model.named_parameters():
+        module, attr = _owner(model, name)
+        if inc:
+            ok = param.dim() >= 2 and any(fnmatch.fnmatchcase(name, pat) for pat in inc)
+        else:
+            ok = (param_filter or default_param_filter)(name, param, module)
+        if ok and not any(fnmatch.fnmatchcase(name, pat) for pat in exc):
+            chosen.append(SparseParam(name, module, attr))
+    if not chosen:
+        names = [n for n, _ in model.named_parameters()]
+        if inc or exc:
+            raise ValueError(
+                f"the parameter filter (include={inc}, exclude={exc}) matches no parameter of "
+                f"two or more dimensions; the model's parameters are {names}")
+        raise ValueError(
+            "the model has no sparsifiable parameter (weights of Linear, Conv or "
+            f"MultiheadAttention layers); its parameters are {names}. Pass include globs to choose some.")
+    return chosen
+
+
+def sparse_params(model: nn.Module) -> list[SparseParam]:
+    """Every parameter of ``model`` that has a mask buffer, found from the buffers themselves."""
+    found = []
+    for module_name, module in model.named_modules():
+        for buf_name in module._buffers:
+            if not buf_name.endswith(MASK_SUFFIX):
+                continue
+            attr = buf_name[: -len(MASK_SUFFIX)]
+            if isinstance(module._parameters.get(attr), nn.Parameter):
+                name = f"{module_name}.{attr}" if module_name else attr
+                found.append(SparseParam(name, module, attr))
+    return found
+
+
+@torch.no_grad()
+def attach_mask(sp: SparseParam, mask: Tensor) -> None:
+    """Register (or overwrite in place) the mask buffer of ``sp`` and zero the masked weights."""
+    param = sp.param
+    if tuple(mask.shape) != tuple(param.shape):
+        raise ValueError(f"mask for {sp.name} has shape {tuple(mask.shape)}, the parameter {tuple(param.shape)}")
+    mask = mask.to(device=param.device, dtype=torch.bool)
+    existing = sp.module._buffers.get(sp.attr + MASK_SUFFIX)
+    if existing is not None:
+        existing.copy_(mask)
+    else:
+        sp.module.register_buffer(sp.attr + MASK_SUFFIX, mask.clone(), persistent=True)
+    param.mul_(sp.mask)
+
+
+def detach_masks(model: nn.Module) -> None:
+    """Remove every mask buffer (the weights keep their zeros)."""
+    for sp in sparse_params(model):
+        del sp.module._buffers[sp.attr + MASK_SUFFIX]
+
+
+@torch.no_grad()
+def apply_masks(params: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
+    """weights *= mask, in place, as one fused call where the tensors allow."""
+    if not params:
+        return
+    try:
+        torch._foreach_mul_(list(params), list(masks))
+    except RuntimeError:
+        for p, m in zip(params, masks):
+            p.mul_(m)
+
+
+def _check_scores(scores: Tensor, where: str = "scores") -> None:
+    if torch.isnan(scores).any():
+        raise ValueError(f"{where} contain NaN; a score function must return finite numbers or ±inf")
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """Bool mask of ``scores``' shape with exactly ``k`` True at the largest scores.
+
+    Ties at the threshold go to the lowest flat indices, so the answer is deterministic.
+    """
+    n = scores.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot keep {k} of {n} entries")
+    flat = scores.reshape(-1)
+    if k == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k == n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    _check_scores(flat)
+    if k <= n // 64:
+        threshold = flat.topk(k, sorted=False).values.min()
+    else:
+        # kthvalue returns the q-th smallest; the k-th largest is the (n-k+1)-th smallest.
+        threshold = flat.float().kthvalue(n - k + 1).values if flat.dtype in (torch.float16, torch.bfloat16) \
+            else flat.kthvalue(n - k + 1).values
+    above = flat > threshold
+    n_above = int(above.sum())
+    tied = flat == threshold
+    if n_above + int(tied.sum()) == k:
+        keep = above | tied
+    else:
+        keep = above | (tied & (torch.cumsum(tied, 0) <= k - n_above))
+    return keep.view(scores.shape)
+
+
+def global_topk_masks(scores: Sequence[Tensor], k: int) -> list[Tensor]:
+    """Exactly ``k`` True over all tensors together, at the largest scores (one threshold)."""
+    flat = torch.cat([s.reshape(-1).to(scores[0].device, torch.float32) for s in scores])
+    keep = topk_mask(flat, k)
+    out, start = [], 0
+    for s in scores:
+        out.append(keep[start:start + s.numel()].view(s.shape).to(s.device))
+        start += s.numel()
+    return out
