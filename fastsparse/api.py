@@ -44,11 +44,14 @@ class SparseHandle:
             self._hooks.append(register_optimizer_step_post_hook(self._after_step))
             _HANDLES[model] = self
 
-    def _tensors(self):
-        sps = sparse_params(self.model) if self._cache is None else self._cache[0]
-        if self._cache is None or (sps and sps[0].module._buffers.get(sps[0].attr + "_mask") is not self._cache[2][0]):
-            sps = sparse_params(self.model)
-            self._cache = (sps, [sp.param for sp in sps], [sp.mask for sp in sps])
+    def _tensors(self) -> tuple[list, list]:
+        """(params, masks), found again only when the model's buffers were replaced (``.to()``)."""
+        if self._cache is not None:
+            sp, masks = self._cache[0], self._cache[2]
+            if not sp or sp[0].module._buffers.get(sp[0].attr + "_mask") is masks[0]:
+                return self._cache[1], masks
+        sps = sparse_params(self.model)
+        self._cache = (sps, [sp.param for sp in sps], [sp.mask for sp in sps])
         return self._cache[1], self._cache[2]
 
     @torch.no_grad()

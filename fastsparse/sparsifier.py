@@ -87,15 +87,15 @@ class Sparsifier:
         for a in algorithms:
             if not isinstance(a, SparsityAlgorithm):
                 raise TypeError(f"algorithm must be a SparsityAlgorithm or a registered name, got {a!r}")
+        if hook is None:
+            hook = isinstance(optimizer, torch.optim.Optimizer)
+        if hook and not isinstance(optimizer, torch.optim.Optimizer):  # checked before any mask is attached
+            raise TypeError("hook=True needs a torch.optim.Optimizer; call sparsifier.step() yourself otherwise")
         self.groups = self._build_groups(algorithms)
         self._refresh()
         self.apply_masks()
         self._check_ranks()
-        if hook is None:
-            hook = isinstance(optimizer, torch.optim.Optimizer)
         if hook:
-            if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError("hook=True needs a torch.optim.Optimizer; call sparsifier.step() yourself otherwise")
             self._hook_handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
             _ENGINE_OPTIMIZERS.add(optimizer)
 
@@ -138,6 +138,11 @@ class Sparsifier:
         self._sps = sps
         self._params = [sp.param for sp in sps]
         self._masks = [sp.mask for sp in sps]
+        # The hot path enforces every mask the model carries, also those outside the groups
+        # (e.g. the wrapper's sparse_modules): a SparseHandle leaves enforcement to the engine.
+        ours = {sp.name for sp in sps}
+        others = [sp for sp in sparse_params(self.model) if sp.name not in ours]
+        self._enforce = (self._params + [sp.param for sp in others], self._masks + [sp.mask for sp in others])
 
     def _stale(self) -> bool:
         sp = self._sps[0]
@@ -152,7 +157,7 @@ class Sparsifier:
             return
         if self._stale():
             self._refresh()
-        torch._foreach_mul_(self._params, self._masks)
+        torch._foreach_mul_(*self._enforce)
         mark_fresh(self.model)
 
     def clock(self) -> Clock:

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..masks import SparseParam, topk_mask
+from ..masks import SparseParam, n_keep, topk_mask
 from ..schedules import Clock, Cosine, Schedule, UpdateSchedule, as_schedule
 from ..scores import accepts_generator, resolve_score
 from .base import SparsityAlgorithm, generator_for, register
@@ -28,10 +28,19 @@ def drop_and_grow(mask: Tensor, keep_score: Tensor, grow_score: Tensor, n_drop: 
     """The new mask: keep the n_active − n_drop active weights with the largest keep score,
     then add the n_grow positions with the largest grow score among those not kept."""
     n_active = int(mask.sum())
-    minus_inf = torch.tensor(float("-inf"), device=mask.device)
-    kept = topk_mask(torch.where(mask, keep_score.to(torch.float32), minus_inf), n_active - n_drop)
-    grown = topk_mask(torch.where(kept, minus_inf, grow_score.to(torch.float32)), n_grow)
+    kept = _topk_among(keep_score, mask, n_active - n_drop)
+    grown = _topk_among(grow_score, ~kept, n_grow)
     return kept | grown
+
+
+def _topk_among(scores: Tensor, allowed: Tensor, k: int) -> Tensor:
+    """Exactly ``k`` True at the largest ``scores`` among the ``allowed`` positions only (ties:
+    lowest flat index). Selecting within the subset, rather than setting the others to -inf,
+    keeps the count exact even when a score itself is -inf."""
+    idx = allowed.reshape(-1).nonzero().squeeze(1)
+    out = torch.zeros(allowed.numel(), dtype=torch.bool, device=allowed.device)
+    out[idx[topk_mask(scores.reshape(-1)[idx].to(torch.float32), k)]] = True
+    return out.view(allowed.shape)
 
 
 def redistribute(layer_scores: Sequence[float], removed: Sequence[int], free: Sequence[int],
@@ -60,15 +69,49 @@ def redistribute(layer_scores: Sequence[float], removed: Sequence[int], free: Se
         open_ = [i for i in range(n) if grow[i] < cap[i]]
         wsum = sum(p[i] for i in open_)
         shares = {i: (p[i] / wsum if wsum > 0 else 1 / len(open_)) * left for i in open_}
-        add = {i: min(cap[i] - grow[i], int(math.floor(shares[i]))) for i in open_}
-        if sum(add.values()) == 0:
-            # fewer weights left than open layers: one each, largest remaining share first
-            for i in sorted(open_, key=lambda i: (-shares[i], i))[:left]:
-                add[i] = 1
+        floors = {i: int(math.floor(shares[i])) for i in open_}
+        add = {i: min(cap[i] - grow[i], floors[i]) for i in open_}
+        if all(floors[i] < cap[i] - grow[i] for i in open_):
+            # no layer is full: the weights the floors leave go one each to the largest remainders
+            rest = left - sum(add.values())
+            for i in sorted(open_, key=lambda i: (-(shares[i] - floors[i]), i))[:rest]:
+                add[i] += 1
+        # else: a layer reached its cap; spread what is left over the others in the next round
         for i, a in add.items():
             grow[i] += a
             left -= a
     return grow
+
+
+def _balance_spec(out_groups: int | None, in_groups: int | None) -> tuple[int, int] | None:
+    """(dim, G) for balanced drop and grow, or None."""
+    for what, value in (("balance_out_groups", out_groups), ("balance_in_groups", in_groups)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{what} must be an integer ≥ 1, got {value!r}")
+    if out_groups is not None and in_groups is not None:
+        raise ValueError("give balance_out_groups or balance_in_groups, not both")
+    if out_groups is not None:
+        return 0, out_groups
+    return (1, in_groups) if in_groups is not None else None
+
+
+def _grouped(t: Tensor, dim: int, groups: int) -> Tensor:
+    """A (G, n/G) copy of ``t``: row g holds the g-th of G equal slices along ``dim``."""
+    return t.movedim(dim, 0).reshape(groups, -1)
+
+
+def _ungrouped(parts: Tensor, like: Tensor, dim: int) -> Tensor:
+    return parts.reshape(like.movedim(dim, 0).shape).movedim(0, dim)
+
+
+def _balanced_drop_and_grow(mask: Tensor, keep: Tensor, grow: Tensor, f: float, dim: int, groups: int) -> Tensor:
+    """:func:`drop_and_grow` inside each of G groups along ``dim``, floor(f · n_active_g) each."""
+    m, k, g = (_grouped(t, dim, groups) for t in (mask, keep, grow))
+    rows = []
+    for i in range(groups):
+        n = int(math.floor(f * int(m[i].sum())))
+        rows.append(drop_and_grow(m[i], k[i], g[i], n, n))
+    return _ungrouped(torch.stack(rows), mask, dim)
 
 
 class DST(SparsityAlgorithm):
@@ -80,6 +123,10 @@ class DST(SparsityAlgorithm):
     keep_score / grow_score: a name (``magnitude``, ``random``, ``gradient``, ``momentum``) or
       a function ``f(param, opt) -> tensor``.
     redistribution: ``"none"`` (each layer regrows what it dropped) or ``"momentum"`` (SNFS).
+    balance_out_groups / balance_in_groups: split each parameter's output rows (dim 0) or
+      input columns (dim 1) into G equal groups, e.g. the heads of an attention projection;
+      every group starts with round((1 − s) · n / G) active weights and drops and grows
+      within itself, so each group keeps the same count (needs ``redistribution="none"``).
     """
 
     name = "dst"
@@ -95,6 +142,8 @@ class DST(SparsityAlgorithm):
         keep_score: str | Callable = "magnitude",
         grow_score: str | Callable | None = None,
         redistribution: str | None = None,
+        balance_out_groups: int | None = None,
+        balance_in_groups: int | None = None,
         **kwargs,
     ):
         update = update if update is not None else UpdateSchedule(freq=100, stop=0.75)
@@ -112,6 +161,40 @@ class DST(SparsityAlgorithm):
         self.redistribution = (redistribution or self.default_redistribution).lower()
         if self.redistribution not in REDISTRIBUTIONS:
             raise ValueError(f"unknown redistribution {redistribution!r}; valid: {list(REDISTRIBUTIONS)}")
+        self.balance_out_groups, self.balance_in_groups = balance_out_groups, balance_in_groups
+        self._balance = _balance_spec(balance_out_groups, balance_in_groups)
+        if self._balance is not None and self.redistribution != "none":
+            raise ValueError("balance_out_groups / balance_in_groups keep every group's count, so they "
+                             f"need redistribution='none', not {self.redistribution!r}")
+        if self._balance is not None and self.init_method == "from_zeros":
+            raise ValueError("balance_out_groups / balance_in_groups need init_method 'random' or 'topk': "
+                             "a mask taken from the weights' zeros is not balanced")
+
+    def initial_sparsities(self, params: Sequence[SparseParam]) -> list[float]:
+        if self._balance is not None:
+            dim, groups = self._balance
+            for sp in params:
+                size = sp.param.shape[dim] if sp.param.dim() > dim else 0
+                if size % groups:
+                    what = "balance_out_groups" if dim == 0 else "balance_in_groups"
+                    raise ValueError(f"{what}={groups} does not divide the {size} "
+                                     f"{'rows' if dim == 0 else 'columns'} of {sp.name} {tuple(sp.param.shape)}")
+        return super().initial_sparsities(params)
+
+    @torch.no_grad()
+    def initial_masks(self, params: Sequence[SparseParam], sparsities: Sequence[float], seed: int) -> list[Tensor]:
+        if self._balance is None:
+            return super().initial_masks(params, sparsities, seed)
+        dim, groups = self._balance
+        masks = []
+        for sp, s in zip(params, sparsities):
+            w = sp.param.detach()
+            score = w.abs() if self.init_method == "topk" else \
+                torch.rand(w.shape, generator=generator_for(seed, 0, sp.name)).to(w.device)
+            parts = _grouped(score, dim, groups)
+            k = n_keep(parts.shape[1], s)
+            masks.append(_ungrouped(torch.stack([topk_mask(row, k) for row in parts]), w, dim))
+        return masks
 
     def _score(self, fn, sp: SparseParam, optimizer, seed: int, step: int, what: str) -> Tensor:
         kwargs = {"generator": generator_for(seed, step, sp.name)} if accepts_generator(fn) else {}
@@ -135,6 +218,8 @@ class DST(SparsityAlgorithm):
         n_drop = [int(math.floor(f * a)) for a in active]
         keep = [self._score(self.keep_score, sp, optimizer, seed, clock.step, "keep score") for sp in params]
         grow = [self._score(self.grow_score, sp, optimizer, seed, clock.step, "grow score") for sp in params]
+        if self._balance is not None:
+            return [_balanced_drop_and_grow(m, k, g, f, *self._balance) for m, k, g in zip(masks, keep, grow)]
         n_grow = list(n_drop)
         if self.redistribution == "momentum":
             layer_scores = [float(g[m].mean()) if a else 0.0 for g, m, a in zip(grow, masks, active)]
