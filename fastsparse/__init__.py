@@ -21,6 +21,14 @@ from .schedules import (
 from .scores import gradient_magnitude, gradient_momentum, random_score, weight_magnitude
 from .sparsifier import Sparsifier
 from ._distributed import MaskDisagreement
+from .algorithms import (
+    GMP, IMP, SNIP, GraNet, GraSP, PaI, PruneAndGrowGlobal, PruneAndGrowUniform, PruneGlobal,
+    PruneUniform, Sparsify, SparsifyScheduler, SynFlow, Ticket, find_ticket, invert_scores,
+    prune_at_init, reinit_weights, shuffle_masks,
+)
+from .criteria import CRITERIA
+from .progress import ProgressSchedule
+from .structured import nm_mask, prune_masks, select_masks, valid_granularities
 
 __version__ = "0.1.0"
 
@@ -34,4 +42,27 @@ __all__ = [
     "drop_and_grow", "redistribute", "register", "create", "list_algorithms", "get_algorithm",
     "Clock", "Constant", "Linear", "Exponential", "Power", "Cosine", "Cubic", "Cyclic", "UpdateSchedule",
     "MaskDisagreement",
+    "GMP", "GraNet", "PruneUniform", "PruneGlobal", "PruneAndGrowUniform", "PruneAndGrowGlobal",
+    "IMP", "Ticket", "find_ticket", "Sparsify", "SparsifyScheduler", "ProgressSchedule", "CRITERIA",
+    "PaI", "SNIP", "GraSP", "SynFlow", "prune_at_init", "shuffle_masks", "invert_scores", "reinit_weights",
+    "select_masks", "prune_masks", "nm_mask", "valid_granularities",
 ]
+
+from .algorithms import EdgePopup, GemMiner, SupTickets, SupTicketsTrainer  # noqa: E402
+from .itop import ITOP, ITOP_presets  # noqa: E402
+
+__all__ += ["ITOP", "ITOP_presets", "SupTickets", "SupTicketsTrainer", "EdgePopup", "GemMiner"]
+
+# The fastai and Lightning callbacks are stand-ins that import their framework on first use,
+# so `import fastsparse` and `from fastsparse import *` work without either installed.
+__all__ += ["DynamicSparseTrainingCallback", "SparsifyCallback", "SparseLightningCallback"]
+
+
+def __getattr__(name: str):
+    from .integrations import LAZY_NAMES, LazyClass
+
+    if name in LAZY_NAMES:
+        module, extra = LAZY_NAMES[name]
+        value = globals()[name] = LazyClass(name, module, extra)
+        return value
+    raise AttributeError(f"module 'fastsparse' has no attribute {name!r}")
