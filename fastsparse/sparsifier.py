@@ -35,6 +35,25 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def _pack_bits(mask: Tensor) -> bytes:
+    """A bool tensor as bytes, 8 positions a byte, first position in the high bit
+    (comparable with ==, 8x smaller than bools; torch only)."""
+    flat = mask.detach().cpu().reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
+    return bytes((flat.view(-1, 8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8).tolist())
+
+
+def _unpack_bits(packed: bytes, like: Tensor) -> Tensor:
+    if not packed:
+        return torch.zeros_like(like, dtype=torch.bool)
+    raw = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+    bits = (raw.unsqueeze(1) & _BIT_WEIGHTS).ne(0).reshape(-1)[: like.numel()]
+    return bits.view(like.shape).to(like.device)
+
+
 class _Group:
     def __init__(self, algorithm: SparsityAlgorithm, params: list[SparseParam], targets: list[float]):
         self.algorithm, self.params, self.targets = algorithm, params, targets
@@ -94,6 +113,8 @@ class Sparsifier:
         self.groups = self._build_groups(algorithms)
         self._refresh()
         self.apply_masks()
+        # ITOP: per sparse parameter, every position that has been active at some point
+        self._union: dict[str, Tensor] = {sp.name: sp.mask.clone() for sp in self._sps}
         self._check_ranks()
         if hook:
             self._hook_handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
@@ -143,6 +164,7 @@ class Sparsifier:
         ours = {sp.name for sp in sps}
         others = [sp for sp in sparse_params(self.model) if sp.name not in ours]
         self._enforce = (self._params + [sp.param for sp in others], self._masks + [sp.mask for sp in others])
+        self._factor_cache: tuple[list[int], list[Tensor]] | None = None
 
     def _stale(self) -> bool:
         sp = self._sps[0]
@@ -157,8 +179,31 @@ class Sparsifier:
             return
         if self._stale():
             self._refresh()
-        torch._foreach_mul_(*self._enforce)
+        torch._foreach_mul_(self._enforce[0], self._factors())
         mark_fresh(self.model)
+
+    def _factors(self) -> list[Tensor]:
+        """The masks as multipliers for the hot path.
+
+        On the CPU a float-by-bool multiply casts the bool mask element by element and is
+        about 6x slower than a float-by-float one, so CPU masks are multiplied as copies in
+        their parameter's dtype. The copies are rebuilt whenever a mask's version counter
+        shows an in-place change (an update, ``load_state_dict``, ``attach_mask``); buffers
+        replaced by new tensors (``model.to(...)``, ``load_state_dict(assign=True)``) go
+        through :meth:`_refresh`, which drops the copies. Elsewhere the bool masks are used
+        as they are.
+        """
+        params, masks = self._enforce
+        try:
+            versions = [m._version for m in masks]
+        except RuntimeError:  # inference-mode tensors have no version counter
+            return masks
+        cache = self._factor_cache
+        if cache is None or cache[0] != versions:
+            factors = [m.to(p.dtype) if m.device.type == "cpu" and p.is_floating_point() else m
+                       for p, m in zip(params, masks)]
+            self._factor_cache = cache = (versions, factors)
+        return cache[1]
 
     def clock(self) -> Clock:
         return self._external_clock or Clock(self.step_count, self.total_steps)
@@ -190,8 +235,9 @@ class Sparsifier:
         for g, new in plans:
             for sp, m in zip(g.params, new):
                 record["changed"] += self._set_mask(sp, m)
-                record["active"] += int(m.sum())
+                record["active"] += int(m.count_nonzero())
         record["changed_fraction"] = record["changed"] / max(1, record["active"])
+        record["exploration_rate"] = self.exploration_rate()
         self.history.append(record)
         self._check_ranks(clock.step)
         return True
@@ -208,8 +254,11 @@ class Sparsifier:
         """Install ``new``; zero dropped weights, and grown weights with their optimizer state."""
         old = sp.mask
         grown = new & ~old
-        n_changed = int(grown.sum())
+        n_changed = int(grown.count_nonzero())  # not sum(): a bool sum widens to int64, ~50x slower
         old.copy_(new)
+        union = self._union.get(sp.name)
+        if union is not None:
+            union |= old
         p = sp.param
         p.mul_(old)
         if self.zero_grown_state and n_changed:
@@ -229,11 +278,17 @@ class Sparsifier:
     def _sparsity_of(params: Iterable[SparseParam]) -> float:
         params = list(params)
         total = sum(sp.mask.numel() for sp in params)
-        return 1.0 - sum(int(sp.mask.sum()) for sp in params) / max(1, total)
+        return 1.0 - sum(int(sp.mask.count_nonzero()) for sp in params) / max(1, total)
 
     def sparsity(self) -> float:
         """Actual sparsity over every parameter the engine masks."""
         return self._sparsity_of(self._sps)
+
+    def exploration_rate(self) -> float:
+        """ITOP's in-time over-parameterisation rate R_s = |union of all masks so far| / Σ N_l
+        (Liu et al. 2021): the fraction of the sparse weights that have been active at some point."""
+        total = sum(u.numel() for u in self._union.values())
+        return sum(int(u.count_nonzero()) for u in self._union.values()) / total if total else 1.0
 
     def report(self) -> list[dict[str, Any]]:
         """Per parameter: name, shape, algorithm, target and actual sparsity, active count."""
@@ -245,7 +300,8 @@ class Sparsifier:
                 active = int(sp.mask.sum())
                 rows.append({"name": sp.name, "shape": tuple(sp.param.shape), "algorithm": g.algorithm.name,
                              "target_sparsity": float(t), "sparsity": 1 - active / sp.mask.numel(),
-                             "active": active, "numel": sp.mask.numel()})
+                             "active": active, "numel": sp.mask.numel(),
+                             "explored": int(self._union[sp.name].sum()) if sp.name in self._union else active})
         return rows
 
     # --- state -----------------------------------------------------------------------------
@@ -255,6 +311,7 @@ class Sparsifier:
             "history": list(self.history),
             "masks": {sp.name: tuple(sp.mask.shape) for sp in self._sps},
             "algorithms": [g.algorithm.state_dict() for g in self.groups],
+            "explored": {name: _pack_bits(u) for name, u in self._union.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -273,6 +330,9 @@ class Sparsifier:
         self.history = list(state.get("history", []))
         for g, s in zip(self.groups, state["algorithms"]):
             g.algorithm.load_state_dict(s)
+        for name, packed in state.get("explored", {}).items():   # states saved before ITOP tracking have none
+            if name in self._union:
+                self._union[name].copy_(_unpack_bits(packed, self._union[name]))
 
     def remove(self) -> None:
         """Stop enforcing and updating; the masks stay on the model (and in its state_dict)."""
