@@ -15,8 +15,11 @@ __all__ = ["DynamicSparseTrainingOptimizerWrapper", "SET_presets", "SNFS_presets
 
 SET_presets = {"keep_score_f": weight_magnitude, "grow_score_f": random_score,
                "initial_drop_grow_pct": 0.3, "stop_pct": 0.75, "redistribution": "none"}
+# As in the seed, SNFS_presets keeps every layer's count (no redistribution): with ERK layer
+# densities the RigL paper found SNFS without redistribution the better of the two. The
+# registered "snfs" algorithm, or {**SNFS_presets, "redistribution": "momentum"}, redistributes.
 SNFS_presets = {"keep_score_f": weight_magnitude, "grow_score_f": gradient_momentum,
-                "initial_drop_grow_pct": 0.3, "stop_pct": 0.75, "redistribution": "momentum"}
+                "initial_drop_grow_pct": 0.3, "stop_pct": 0.75, "redistribution": "none"}
 RigL_presets = {"keep_score_f": weight_magnitude, "grow_score_f": gradient_magnitude,
                 "initial_drop_grow_pct": 0.3, "stop_pct": 0.75, "redistribution": "none"}
 

@@ -192,8 +192,10 @@ def test_presets_are_the_seed_dicts():
         p = PRESETS[name]
         assert p["keep_score_f"] is fs.weight_magnitude and p["grow_score_f"] is grow
         assert p["initial_drop_grow_pct"] == 0.3 and p["stop_pct"] == 0.75
-    assert fs.SNFS_presets["redistribution"] == "momentum"
-    assert fs.SET_presets["redistribution"] == fs.RigL_presets["redistribution"] == "none"
+    # the seed's presets keep every layer's count; SNFS's redistribution is one key away
+    assert fs.SET_presets["redistribution"] == fs.SNFS_presets["redistribution"] == "none"
+    assert fs.RigL_presets["redistribution"] == "none"
+    assert fs.get_algorithm("snfs")().redistribution == "momentum"
 
 
 def _wrapped(preset, k, sparsity=0.5, **over):

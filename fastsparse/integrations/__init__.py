@@ -1,9 +1,8 @@
 """Callbacks for training frameworks: thin shells over :class:`fastsparse.Sparsifier`.
 
-| module | callbacks | extra |
-|---|---|---|
-| :mod:`fastsparse.integrations.fastai` | ``DynamicSparseTrainingCallback``, ``SparsifyCallback``, ``SparseTrainingCallback`` | ``fastai`` |
-| :mod:`fastsparse.integrations.lightning` | ``SparseLightningCallback`` | ``lightning`` |
+* :mod:`fastsparse.integrations.fastai` (extra ``fastai``): ``DynamicSparseTrainingCallback``,
+  ``SparsifyCallback``, ``SparseTrainingCallback``.
+* :mod:`fastsparse.integrations.lightning` (extra ``lightning``): ``SparseLightningCallback``.
 
 Importing this package imports neither framework. The top-level names
 (``fastsparse.DynamicSparseTrainingCallback`` and the others) are :class:`LazyClass`
