@@ -1,8 +1,9 @@
 """Digits measurements of docs/tickets.md (ITOP, Sup-tickets, GEM-MINER, edge-popup), seeds 0-2:
 
     python benchmarks/tickets_digits.py        # ~5 minutes on one CPU core
+    python benchmarks/tickets_digits.py gem    # only GEM-MINER vs random mask / reinit (~2.5 minutes)
 """
-import math, os, sys, time, torch
+import math, os, statistics, sys, time, torch
 from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import fastsparse as sparse
@@ -92,6 +93,20 @@ def gem(kind, seed):
     finetune(model, Loader(x, y, seed + 100), loss, 100, lr=0.01)
     return a0, a_sh, acc(model, xt, yt)
 torch.set_num_threads(1)
+if sys.argv[1:] == ["gem"]:
+    # GEM-MINER ticket fine-tuned vs a random mask with its per-layer counts (same signed-constant
+    # weights) and vs its mask with re-initialised weights; all fine-tuned with the same protocol
+    from test_gems import gem_vs_random
+    for sparsity in (0.98, 0.9):
+        for seed in (0, 1, 2):
+            r = gem_vs_random(seed, sparsity, ft_lrs=(0.01, 0.1))
+            add(f"gem{sparsity}_found", r["found"])
+            for lr in (0.01, 0.1):
+                for k, v in r[lr].items():
+                    add(f"gem{sparsity}_ft{lr}_{k}", v)
+    for k, v in res.items():
+        print(k, round(statistics.fmean(v), 4), [round(a, 4) for a in v])
+    sys.exit(0)
 for seed in (0, 1, 2):
     t = time.time(); add("rigl98", rs("rigl", seed)); add("set98", rs("set", seed))
     add("itop_set98", itop(seed, "random")); add("itop_rigl98", itop(seed, "gradient"))
