@@ -6,7 +6,8 @@ carries it, ``load_state_dict()`` restores it into a model that was sparsified f
 finds the sparse parameters again from these buffers (:func:`sparse_params`).
 
 Selection is exact: :func:`topk_mask` keeps exactly ``k`` entries, chosen with
-``kthvalue`` (or an unsorted ``topk`` when ``k`` is small), never a full sort, and ties at
+an unsorted ``topk`` from the nearer end (after bounding the threshold with a fixed sample on
+large tensors), never a full sort, and ties at
 the threshold go to the lowest flat index, so the result is the same on every device and
 every rank.
 """
@@ -176,8 +177,17 @@ def _check_scores(scores: Tensor, where: str = "scores") -> None:
 
 # Selections from tensors of at least _BOUNDED_FROM elements first bound the threshold with a
 # sample of _SAMPLE scores, then select exactly among the scores beyond the bound (see _kth_largest).
-_BOUNDED_FROM = 1 << 20
-_SAMPLE = 1 << 16
+_BOUNDED_FROM = 1 << 18
+_SAMPLE = 1 << 15
+
+
+def _kth_smallest(values: Tensor, q: int) -> Tensor:
+    """The q-th smallest of 1-D ``values`` with an unsorted ``topk`` from the nearer end (its
+    cost follows the smaller side; unlike CPU ``kthvalue`` it stays fast on sorted input)."""
+    c = values.numel()
+    if q <= c - q + 1:
+        return values.topk(q, largest=False, sorted=False).values.max()
+    return values.topk(c - q + 1, sorted=False).values.min()
 
 
 def _kth_largest(flat: Tensor, k: int) -> Tensor:
@@ -194,20 +204,19 @@ def _kth_largest(flat: Tensor, k: int) -> Tensor:
     if n >= _BOUNDED_FROM:
         pick = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(0)).to(flat.device)
         sample = flat[pick]
-        rank = min(k, q)
-        expected = rank * _SAMPLE / n
+        expected = min(k, q) * _SAMPLE / n
         j = min(_SAMPLE, int(expected + 4.0 * expected ** 0.5) + 16)
-        if k <= q:
-            candidates = flat[flat >= sample.kthvalue(_SAMPLE - j + 1).values]
+        if k <= q:  # the j-th largest of the sample as a lower bound
+            candidates = flat[flat >= _kth_smallest(sample, _SAMPLE - j + 1)]
             if candidates.numel() >= k:
-                return candidates.kthvalue(candidates.numel() - k + 1).values
-        else:
-            candidates = flat[flat <= sample.kthvalue(j).values]
+                return _kth_smallest(candidates, candidates.numel() - k + 1)
+        else:  # the j-th smallest of the sample as an upper bound
+            candidates = flat[flat <= _kth_smallest(sample, j)]
             if candidates.numel() >= q:
-                return candidates.kthvalue(q).values
+                return _kth_smallest(candidates, q)
     if k <= n // 64:
         return flat.topk(k, sorted=False).values.min()
-    return flat.kthvalue(q).values
+    return _kth_smallest(flat, q)  # CPU kthvalue is quadratic on descending input
 
 
 def topk_mask(scores: Tensor, k: int) -> Tensor:

@@ -27,7 +27,7 @@ REDISTRIBUTIONS = ("none", "momentum")
 def drop_and_grow(mask: Tensor, keep_score: Tensor, grow_score: Tensor, n_drop: int, n_grow: int) -> Tensor:
     """The new mask: keep the n_active − n_drop active weights with the largest keep score,
     then add the n_grow positions with the largest grow score among those not kept."""
-    n_active = int(mask.sum())
+    n_active = int(mask.count_nonzero())
     kept = _topk_among(keep_score, mask, n_active - n_drop)
     grown = _topk_among(grow_score, ~kept, n_grow)
     return kept | grown
@@ -37,6 +37,10 @@ def _topk_among(scores: Tensor, allowed: Tensor, k: int) -> Tensor:
     """Exactly ``k`` True at the largest ``scores`` among the ``allowed`` positions only (ties:
     lowest flat index). Selecting within the subset, rather than setting the others to -inf,
     keeps the count exact even when a score itself is -inf."""
+    scores = scores.to(torch.float32)
+    masked = torch.where(allowed, scores, torch.tensor(float("-inf"), device=scores.device))
+    if int((masked > float("-inf")).count_nonzero()) >= k:
+        return topk_mask(masked, k)  # the k winners are all allowed: same answer, no gather/scatter
     idx = allowed.reshape(-1).nonzero().squeeze(1)
     out = torch.zeros(allowed.numel(), dtype=torch.bool, device=allowed.device)
     out[idx[topk_mask(scores.reshape(-1)[idx].to(torch.float32), k)]] = True
@@ -109,7 +113,7 @@ def _balanced_drop_and_grow(mask: Tensor, keep: Tensor, grow: Tensor, f: float, 
     m, k, g = (_grouped(t, dim, groups) for t in (mask, keep, grow))
     rows = []
     for i in range(groups):
-        n = int(math.floor(f * int(m[i].sum())))
+        n = int(math.floor(f * int(m[i].count_nonzero())))
         rows.append(drop_and_grow(m[i], k[i], g[i], n, n))
     return _ungrouped(torch.stack(rows), mask, dim)
 
@@ -214,7 +218,7 @@ class DST(SparsityAlgorithm):
         if f <= 0:
             return None
         masks = [sp.mask for sp in params]
-        active = [int(m.sum()) for m in masks]
+        active = [int(m.count_nonzero()) for m in masks]
         n_drop = [int(math.floor(f * a)) for a in active]
         keep = [self._score(self.keep_score, sp, optimizer, seed, clock.step, "keep score") for sp in params]
         grow = [self._score(self.grow_score, sp, optimizer, seed, clock.step, "grow score") for sp in params]
