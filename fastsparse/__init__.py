@@ -53,6 +53,20 @@ from .itop import ITOP, ITOP_presets  # noqa: E402
 
 __all__ += ["ITOP", "ITOP_presets", "SupTickets", "SupTicketsTrainer", "EdgePopup", "GemMiner"]
 
+from .models import create_model, list_models  # noqa: E402
+from .flops import forward_flops, training_flops  # noqa: E402
+
+
+def from_config(model, optimizer, config, **kwargs):
+    """Build a :class:`Sparsifier` from a config dict, a list of blocks or a YAML path
+    (needs the ``cli`` extra: pydantic and pyyaml are imported here, not by the core)."""
+    from .config import from_config as build
+
+    return build(model, optimizer, config, **kwargs)
+
+
+__all__ += ["from_config", "create_model", "list_models", "forward_flops", "training_flops"]
+
 # The fastai and Lightning callbacks are stand-ins that import their framework on first use,
 # so `import fastsparse` and `from fastsparse import *` work without either installed.
 __all__ += ["DynamicSparseTrainingCallback", "SparsifyCallback", "SparseLightningCallback"]

@@ -1,0 +1,243 @@
+"""The command line, thin over the library::
+
+    fastsparse train CONFIG [--set key=value ...] [--out DIR] [--resume]
+    fastsparse validate CONFIG [--set key=value ...]
+    fastsparse compare [SUITE] [--seeds N] [--out DIR] [--workers N]
+    fastsparse report RUN_DIR
+    fastsparse export RUN_DIR_OR_CHECKPOINT --out FILE [--format auto|bitmask|csr]
+    fastsparse bench-inference FILE [--batch 1,16,128]
+
+Exit status: 0 on success, 2 for a config or input problem (each printed with its path
+in the config), 1 when training itself fails, 130 when interrupted.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .config import ConfigError, load_config, parse_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train sparse neural networks: train and validate experiment files, compare methods, "
+                       "report on runs.")
+out_console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+_SET_HELP = "Override a setting by its dotted path, e.g. --set sparsity.sparsity=0.9 --set epochs=5 (repeatable)."
+
+
+def _setup_logging(quiet: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("fastsparse")
+    logger.handlers[:] = [RichHandler(console=err_console, show_path=False, show_time=False)]
+    logger.setLevel(logging.WARNING)        # the engine's own messages: warnings only
+    logger.propagate = False
+    logging.getLogger("fastsparse.train").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(config: Path, overrides: list[str]):
+    raw = load_config(config, overrides)
+    return parse_config(raw, source=str(config))
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Experiment file (YAML), e.g. examples/digits_rigl.yaml."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=_SET_HELP),
+    out: Path = typer.Option(Path("runs"), "--out", help="Folder for run folders (or one run folder)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of this config."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings only."),
+) -> None:
+    """Train one experiment into <out>/<algorithm>-<config hash>/ and print its summary."""
+    from .train import ResumeError, run
+
+    _setup_logging(quiet)
+    try:
+        experiment, _ = _load(config, set_ or [])
+        summary = run(experiment, out, resume=resume, progress=not quiet, source=str(config.resolve()))
+    except ConfigError as e:
+        _fail(str(e))
+    except ResumeError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        err_console.print(escape(f"interrupted; continue with: fastsparse train {config} --out {out} --resume"))
+        raise typer.Exit(130)
+    table = Table(title=f"{summary['method']}: summary", title_justify="left", show_header=False)
+    rows = (("test_accuracy", f"{summary['test_accuracy']:.4f}"), ("sparsity", f"{summary['sparsity']:.4f}"),
+            ("train_seconds", f"{summary['train_seconds']:.1f}"),
+            ("dense_equivalent_flops", f"{summary['dense_equivalent_flops']:.4g}"),
+            ("sparse_flops", f"{summary['sparse_flops']:.4g} ({summary['flops_fraction']:.3f} × dense)"))
+    for key, value in rows:
+        table.add_row(key, value)
+    out_console.print(table)
+    out_console.print(escape(f"run folder: {summary['run_dir']}"), soft_wrap=True)
+
+
+@app.command()
+def validate(
+    config: Path = typer.Argument(..., help="Experiment file (YAML)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=_SET_HELP),
+) -> None:
+    """Check a config without training: print each parameter, its algorithm and target density
+    (the dry run), or every problem with its path in the config."""
+    from .train import prepare
+
+    try:
+        experiment, notes = _load(config, set_ or [])
+        exp = prepare(experiment, load_data=False)
+    except ConfigError as e:
+        _fail(str(e))
+    _print_plan(exp, config)
+    for note in notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+
+
+def _print_plan(exp: Any, config: Path) -> None:
+    """The dry run: each parameter, its shape, algorithm, target density, and what stays dense."""
+    rows = exp.plan.rows if exp.plan is not None else []
+    blocks = {r.block for r in rows if r.algorithm is not None}
+    table = Table(title=escape(f"{config}: dry run"), title_justify="left")
+    for col in ("parameter", "shape", "algorithm", "target density", "active / total", "note"):
+        table.add_column(col, justify="right" if col in ("target density", "active / total") else "left",
+                         no_wrap=col != "note")
+    if exp.plan is None:
+        for name, p in exp.model.named_parameters():
+            table.add_row(escape(name), "×".join(map(str, p.shape)), "dense", "100.00%", f"{p.numel():,} / {p.numel():,}",
+                          "no sparsity block")
+    for r in rows:
+        active = round(r.target_density * r.numel)
+        if r.algorithm is None:
+            note = f"[dim]{escape(r.note)}[/]"
+        else:
+            start = f"starts at {100 * (1 - r.start_sparsity):.2f}%" if r.start_sparsity is not None else ""
+            source = f"from {r.block}" if len(blocks) > 1 else ""
+            note = escape(", ".join(x for x in (source, r.note, start) if x))
+        table.add_row(escape(r.name), "×".join(map(str, r.shape)), r.algorithm or "[dim]dense[/]",
+                      f"{100 * r.target_density:.2f}%", f"{active:,} / {r.numel:,}", note)
+    out_console.print(table)
+    sparse = [r for r in rows if r.algorithm is not None]
+    if sparse:
+        total = sum(r.numel for r in sparse)
+        out_console.print(f"valid: {len(sparse)} sparse parameters, target sparsity "
+                          f"{100 * exp.plan.target_sparsity():.2f}% over {total:,} weights; "
+                          f"{exp.total_steps:,} training steps ({exp.config.epochs} epochs × {exp.steps_per_epoch})")
+    else:
+        out_console.print(f"valid: dense training, {exp.total_steps:,} steps")
+
+
+@app.command()
+def compare(
+    suite: Optional[Path] = typer.Argument(None, help="Suite file (YAML); default: the built-in digits suite."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds per method (default 3, or the suite's)."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for the runs and the report."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Parallel processes (0: up to 2, one per core)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the epochs of every run."),
+) -> None:
+    """Train every method of a suite at each sparsity over several seeds, then write report.md and plots."""
+    from .config import load_suite
+    from .report import write_report
+    from .train import run_suite
+
+    _setup_logging()
+    try:
+        spec = load_suite(suite)
+    except ConfigError as e:
+        _fail(str(e))
+    if epochs is not None:
+        spec.base["epochs"] = epochs
+    try:
+        summaries, failures = run_suite(out, methods=spec.methods, sparsities=spec.sparsities,
+                                        seeds=seeds or spec.seeds, base=spec.base, block=spec.block,
+                                        workers=workers or None)
+    except ConfigError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        err_console.print("interrupted; run the same command again to continue (finished runs are kept)")
+        raise typer.Exit(130)
+    skipped = {k.split(":", 1)[1]: v for k, v in failures.items() if k.startswith("skipped:")}
+    failed = {k: v for k, v in failures.items() if not k.startswith("skipped:")}
+    for name, error in failed.items():
+        err_console.print(f"[red]failed:[/] {escape(name)}: {escape(str(error))}", highlight=False)
+    if not summaries:
+        _fail("no run finished", 1)
+    command = "fastsparse compare" + (f" {suite}" if suite else "") + f" --seeds {seeds or spec.seeds} --out {out}"
+    report = write_report(out / "runs", out, skipped=skipped, command=command)
+    out_console.print(escape(f"report: {report.resolve()}"))
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run folder, or a folder of runs (a compare output).")) -> None:
+    """Redraw report.md and the plots of the finished runs in RUN_DIR."""
+    from .report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    out_console.print(escape(f"report: {path.resolve()}"))
+
+
+@app.command()
+def export(
+    source: Path = typer.Argument(..., help="A run folder (its checkpoint.pt) or a checkpoint file."),
+    out: Path = typer.Option(..., "--out", help="The compressed file to write (safetensors)."),
+    format: str = typer.Option("auto", "--format", help="auto (smaller of the two per tensor), bitmask or csr."),
+) -> None:
+    """Write the trained model compressed and print its size against the dense fp32 state dict."""
+    from .export import SparseFileError, export_command
+
+    if format not in ("auto", "bitmask", "csr"):
+        _fail(f"--format must be auto, bitmask or csr, got {format!r}")
+    try:
+        text = export_command(str(source), str(out), format=format)
+    except (FileNotFoundError, ValueError, SparseFileError) as e:
+        _fail(str(e))
+    out_console.print(escape(text), highlight=False)
+
+
+@app.command("bench-inference")
+def bench_inference(
+    file: Path = typer.Argument(..., help="A file written by `fastsparse export`."),
+    batch: str = typer.Option("1,16,128", "--batch", help="Comma-separated batch sizes."),
+) -> None:
+    """Print dense vs sparse (CSR) latency per layer and end to end."""
+    from .export import SparseFileError
+    from .inference import bench_inference_command
+
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+        if not batches or min(batches) < 1:
+            raise ValueError
+    except ValueError:
+        _fail(f"--batch must be positive integers separated by commas, got {batch!r}")
+    if not file.is_file():
+        _fail(f"no such file: {file}")
+    try:
+        text = bench_inference_command(str(file), batches)
+    except (ValueError, SparseFileError) as e:
+        _fail(str(e))
+    out_console.print(escape(text), highlight=False)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point of the ``fastsparse`` console script."""
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="fastsparse")
+
+
+if __name__ == "__main__":
+    main()
