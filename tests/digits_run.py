@@ -52,6 +52,21 @@ def target_counts(model: nn.Module, sparsity: float = SPARSITY) -> dict[str, int
     return {sp.name: n_keep(sp.param.numel(), s) for sp, s in zip(params, sps)}
 
 
+
+class DigitsLoader:
+    """Shuffled batches of (x, y), a new order each epoch drawn from the generator ``g``."""
+
+    def __init__(self, x, y, g: torch.Generator, batch: int = BATCH):
+        self.x, self.y, self.g, self.batch = x, y, g, batch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch)
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.x), generator=self.g)
+        b = self.batch
+        return iter([(self.x[perm[i:i + b]], self.y[perm[i:i + b]]) for i in range(0, len(self.x), b)])
+
 @dataclass
 class RunResult:
     method: str

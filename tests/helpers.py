@@ -57,3 +57,17 @@ def train_steps(model, opt, steps, x, y, after_step=None):
         opt.step()
         if after_step is not None:
             after_step(i)
+
+
+def one_layer(shape) -> nn.Module:
+    """A Linear (2-D shape) or Conv2d (4-D shape) layer whose weight has ``shape``."""
+    if len(shape) == 2:
+        return nn.Linear(shape[1], shape[0])
+    return nn.Conv2d(shape[1], shape[0], tuple(shape[2:]))
+
+
+def layer_input(shape, g: torch.Generator):
+    """A small input batch for :func:`one_layer` of ``shape``."""
+    if len(shape) == 2:
+        return torch.randn(3, shape[1], generator=g)
+    return torch.randn(2, shape[1], shape[2] + 1, shape[3] + 1, generator=g)

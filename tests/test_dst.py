@@ -10,7 +10,7 @@ from torch import nn
 
 import fastsparse as fs
 from fastsparse.schedules import Clock, Constant, UpdateSchedule
-from helpers import batch, mlp
+from helpers import layer_input, one_layer, batch, mlp
 
 INF = float("inf")
 
@@ -36,16 +36,7 @@ def _every_step(cls, sparsity=0.5, f=0.5, **kw):
     return cls(sparsity=sparsity, drop_fraction=Constant(f), update=UpdateSchedule(freq=1), **kw)
 
 
-def _one_layer(shape):
-    if len(shape) == 2:
-        return nn.Linear(shape[1], shape[0])
-    return nn.Conv2d(shape[1], shape[0], tuple(shape[2:]))
-
-
-def _input(shape, g):
-    if len(shape) == 2:
-        return torch.randn(3, shape[1], generator=g)
-    return torch.randn(2, shape[1], shape[2] + 1, shape[3] + 1, generator=g)
+_one_layer, _input = one_layer, layer_input
 
 
 def _train_step(model, opt, x):

@@ -188,20 +188,15 @@ def test_registered_classes_reuse_a_found_ticket_and_round_trip():
 def _digits_gem(seed=0, epochs=41):
     import os, sys
     sys.path.insert(0, os.path.dirname(__file__))
-    from digits_run import BATCH, SIZES, digits
+    from digits_run import SIZES, DigitsLoader, digits
     from fastsparse.models import MLP
 
     torch.manual_seed(seed)
     x, y, xt, yt = digits()
     g = torch.Generator().manual_seed(seed)
 
-    class Loader:
-        def __len__(self):
-            return math.ceil(len(x) / BATCH)
-
-        def __iter__(self):
-            perm = torch.randperm(len(x), generator=g)
-            return iter([(x[perm[i:i + BATCH]], y[perm[i:i + BATCH]]) for i in range(0, len(x), BATCH)])
+    def Loader():
+        return DigitsLoader(x, y, g)
 
     def acc(m):
         m.eval()
@@ -233,19 +228,9 @@ def test_digits_gem_ticket_beats_its_shuffled_sanity_check():
 
 
 def _digits_loader(x, y, seed):
-    from digits_run import BATCH
+    from digits_run import DigitsLoader
 
-    g = torch.Generator().manual_seed(seed)
-
-    class Loader:
-        def __len__(self):
-            return math.ceil(len(x) / BATCH)
-
-        def __iter__(self):
-            perm = torch.randperm(len(x), generator=g)
-            return iter([(x[perm[i:i + BATCH]], y[perm[i:i + BATCH]]) for i in range(0, len(x), BATCH)])
-
-    return Loader()
+    return DigitsLoader(x, y, torch.Generator().manual_seed(seed))
 
 
 def gem_vs_random(seed=0, sparsity=0.98, search_epochs=101, ft_epochs=100, ft_lrs=(0.01,), iter_period=10):

@@ -12,7 +12,7 @@ from torch import nn
 
 import fastsparse as fs
 from fastsparse.schedules import Constant, UpdateSchedule
-from helpers import AttnNet, ConvNet, batch, mlp
+from helpers import layer_input, one_layer, AttnNet, ConvNet, batch, mlp
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
@@ -35,16 +35,7 @@ def _algorithm(name, s):
     return _every_step({"set": fs.SET, "rigl": fs.RigL, "snfs": fs.SNFS}[name], s, 0.3)
 
 
-def _one_layer(shape):
-    if len(shape) == 2:
-        return nn.Linear(shape[1], shape[0])
-    return nn.Conv2d(shape[1], shape[0], tuple(shape[2:]))
-
-
-def _input(shape, g):
-    if len(shape) == 2:
-        return torch.randn(3, shape[1], generator=g)
-    return torch.randn(2, shape[1], shape[2] + 1, shape[3] + 1, generator=g)
+_one_layer, _input = one_layer, layer_input
 
 
 def _assert_exactly_sparse(model):

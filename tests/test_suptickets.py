@@ -208,20 +208,15 @@ def test_as_a_registered_algorithm_in_the_engine():
 def _digits_run(seed, base="rigl"):
     import sys, os
     sys.path.insert(0, os.path.dirname(__file__))
-    from digits_run import BATCH, SIZES, digits
+    from digits_run import SIZES, DigitsLoader, digits
     from fastsparse.models import MLP
 
     torch.manual_seed(seed)
     x, y, xt, yt = digits()
     g = torch.Generator().manual_seed(seed)
 
-    class Loader:
-        def __len__(self):
-            return math.ceil(len(x) / BATCH)
-
-        def __iter__(self):
-            perm = torch.randperm(len(x), generator=g)
-            return iter([(x[perm[i:i + BATCH]], y[perm[i:i + BATCH]]) for i in range(0, len(x), BATCH)])
+    def Loader():
+        return DigitsLoader(x, y, g)
 
     model = MLP(SIZES)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
