@@ -10,7 +10,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .algorithms.base import SparsityAlgorithm
 from .distributions import uniform_sparsity
-from .masks import attach_mask, sparse_params
+from .masks import MaskSet, attach_mask, sparse_params
 
 __all__ = ["sparsify_model", "SparseHandle"]
 
@@ -38,32 +38,20 @@ class SparseHandle:
         self.model = model
         self._fresh = False
         self._hooks = []
-        self._cache: tuple | None = None
+        self._pairs = MaskSet(lambda: sparse_params(model))
         if enforce:
             self._hooks.append(model.register_forward_pre_hook(self._before_forward))
             self._hooks.append(register_optimizer_step_post_hook(self._after_step))
             _HANDLES[model] = self
 
-    def _tensors(self) -> tuple[list, list]:
-        """(params, masks), found again only when the model's buffers were replaced (``.to()``)."""
-        if self._cache is not None:
-            sp, masks = self._cache[0], self._cache[2]
-            if not sp or sp[0].module._buffers.get(sp[0].attr + "_mask") is masks[0]:
-                return self._cache[1], masks
-        sps = sparse_params(self.model)
-        self._cache = (sps, [sp.param for sp in sps], [sp.mask for sp in sps])
-        return self._cache[1], self._cache[2]
-
-    @torch.no_grad()
     def apply(self) -> None:
-        params, masks = self._tensors()
-        if params:
-            torch._foreach_mul_(params, masks)
+        self._pairs.apply()
         self._fresh = True
 
     def _owns(self, optimizer) -> bool:
-        params, _ = self._tensors()
-        ids = {id(p) for p in params}
+        if self._pairs.stale():
+            self._pairs.refresh()
+        ids = {id(p) for p in self._pairs.params}
         return any(id(p) in ids for g in optimizer.param_groups for p in g["params"])
 
     def _after_step(self, optimizer, args, kwargs) -> None:

@@ -8,6 +8,7 @@ done, so both kinds can be compared. No schedule keeps a hidden counter.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -71,11 +72,12 @@ class Clock:
         return self.position(when) >= float(when)
 
 
-class Schedule:
+class Schedule(ABC):
     """Base: ``schedule(clock) -> float``."""
 
-    def __call__(self, clock: Clock) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def __call__(self, clock: Clock) -> float:
+        """The value at ``clock``."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ._distributed import check_agreement
 from .algorithms.base import SparsityAlgorithm, create
 from .api import _ENGINE_OPTIMIZERS, mark_fresh
-from .masks import SparseParam, attach_mask, sparse_params
+from .masks import MaskSet, SparseParam, attach_mask, sparse_params
 from .schedules import Clock
 
 __all__ = ["Sparsifier"]
@@ -98,8 +98,6 @@ class Sparsifier:
         self.history: list[dict[str, Any]] = []
         self._external_clock: Clock | None = None
         self._hook_handle = None
-        self._params: list[Tensor] = []
-        self._masks: list[Tensor] = []
 
         algorithms = algorithm if isinstance(algorithm, (list, tuple)) else [algorithm]
         algorithms = [create(a) if isinstance(a, str) else a for a in algorithms]
@@ -155,55 +153,18 @@ class Sparsifier:
         return groups
 
     def _refresh(self) -> None:
-        sps = [sp for g in self.groups for sp in g.params]
-        self._sps = sps
-        self._params = [sp.param for sp in sps]
-        self._masks = [sp.mask for sp in sps]
-        # The hot path enforces every mask the model carries, also those outside the groups
-        # (e.g. the wrapper's sparse_modules): a SparseHandle leaves enforcement to the engine.
-        ours = {sp.name for sp in sps}
-        others = [sp for sp in sparse_params(self.model) if sp.name not in ours]
-        self._enforce = (self._params + [sp.param for sp in others], self._masks + [sp.mask for sp in others])
-        self._factor_cache: tuple[list[int], list[Tensor]] | None = None
-
-    def _stale(self) -> bool:
-        sp = self._sps[0]
-        return self._masks[0] is not sp.module._buffers.get(sp.attr + "_mask") or \
-            self._params[0] is not sp.module._parameters.get(sp.attr)
+        self._sps = [sp for g in self.groups for sp in g.params]
+        # Enforce every mask the model carries, also those outside the groups (e.g. the
+        # wrapper's sparse_modules): a SparseHandle leaves enforcement to the engine.
+        ours = {sp.name for sp in self._sps}
+        self._enforcer = MaskSet(
+            lambda: self._sps + [sp for sp in sparse_params(self.model) if sp.name not in ours])
 
     # --- the hot path ----------------------------------------------------------------------
-    @torch.no_grad()
     def apply_masks(self) -> None:
         """weights *= mask for every sparse parameter (one fused in-place multiply)."""
-        if not self._sps:
-            return
-        if self._stale():
-            self._refresh()
-        torch._foreach_mul_(self._enforce[0], self._factors())
+        self._enforcer.apply()
         mark_fresh(self.model)
-
-    def _factors(self) -> list[Tensor]:
-        """The masks as multipliers for the hot path.
-
-        On the CPU a float-by-bool multiply casts the bool mask element by element and is
-        about 6x slower than a float-by-float one, so CPU masks are multiplied as copies in
-        their parameter's dtype. The copies are rebuilt whenever a mask's version counter
-        shows an in-place change (an update, ``load_state_dict``, ``attach_mask``); buffers
-        replaced by new tensors (``model.to(...)``, ``load_state_dict(assign=True)``) go
-        through :meth:`_refresh`, which drops the copies. Elsewhere the bool masks are used
-        as they are.
-        """
-        params, masks = self._enforce
-        try:
-            versions = [m._version for m in masks]
-        except RuntimeError:  # inference-mode tensors have no version counter
-            return masks
-        cache = self._factor_cache
-        if cache is None or cache[0] != versions:
-            factors = [m.to(p.dtype) if m.device.type == "cpu" and p.is_floating_point() else m
-                       for p, m in zip(params, masks)]
-            self._factor_cache = cache = (versions, factors)
-        return cache[1]
 
     def clock(self) -> Clock:
         return self._external_clock or Clock(self.step_count, self.total_steps)
@@ -271,7 +232,7 @@ class Sparsifier:
 
     def _check_ranks(self, step: int = 0) -> None:
         if self.check_ranks:
-            check_agreement([sp.name for sp in self._sps], self._masks, step)
+            check_agreement([sp.name for sp in self._sps], [sp.mask for sp in self._sps], step)
 
     # --- reporting -------------------------------------------------------------------------
     @staticmethod
