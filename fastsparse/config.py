@@ -338,6 +338,7 @@ class _BlockFields(BaseModel):
     drop_fraction: NumberOrSchedule | None = None
     balance_out_groups: int | None = Field(None, ge=1)
     balance_in_groups: int | None = Field(None, ge=1)
+    add_summaries: bool | None = None
 
     @field_validator("sparsity")
     @classmethod
@@ -362,6 +363,33 @@ class _BlockFields(BaseModel):
         if self.balance_out_groups is not None and self.balance_in_groups is not None:
             raise ValueError("give balance_out_groups or balance_in_groups, not both")
         return self
+
+
+# Cerebras's older spellings of block keys (the R1.x sparsity optimizer): ``type`` for
+# ``algorithm``, ``schedule`` (a mapping or a list of steps) for ``update``.
+_BLOCK_ALIASES = {"type": "algorithm", "schedule": "update"}
+
+
+def _cerebras_spellings(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
+    """The config with ``type``/``schedule`` in sparsity blocks renamed; a key given under both
+    spellings is a problem. The input is not modified."""
+    blocks = _raw_blocks(raw)
+    if not any(alias in b for _, b in blocks for alias in _BLOCK_ALIASES):
+        return raw, []
+    raw = copy.deepcopy(raw)
+    problems = []
+    for path, _ in _raw_blocks(raw):
+        block = raw["sparsity"] if len(path) == 1 else raw["sparsity"][path[1]]
+        for alias, key in _BLOCK_ALIASES.items():
+            # a schedule name (fasterai's sparsify takes ``schedule: iterative``) is not an update
+            if alias not in block or (alias == "schedule" and not isinstance(block[alias], (dict, list))):
+                continue
+            if key in block:
+                problems.append(Problem(format_path(path + (alias,)),
+                                        f"{alias!r} is Cerebras's spelling of {key!r}, which is given too; keep one"))
+            else:
+                block[key] = block.pop(alias)
+    return raw, problems
 
 
 def _known_algorithm(v: Any) -> Any:
@@ -449,7 +477,18 @@ class ExperimentConfig(_Spec):
     lr_schedule: LRScheduleSpec = Field(default_factory=LRScheduleSpec)
     epochs: int = Field(100, ge=1)
     batch_size: int | None = Field(None, ge=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    device: str = "auto"
     sparsity: SparsityField | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v):
+        import re
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"device must be auto (a GPU if there is one; under torchrun the rank's own), cpu, "
+                             f"cuda or cuda:N, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _batch_size_once(self):
@@ -533,6 +572,27 @@ def _check_component(raw: Any, kind: str, fixed: set[str]) -> list[Problem]:
     valid = sorted(set(params) | fixed)
     return [Problem(f"{kind}.{key}", f"unknown key for {kind} {name!r}{_suggest(key, valid)}; valid keys: {valid}")
             for key in raw if key not in fixed and key not in params]
+
+
+def _convert_base_kwargs(values: dict[str, Any], base: Any, path: str) -> tuple[dict[str, Any], list[Problem]]:
+    """The settings of a wrapping algorithm's ``base`` (Sup-tickets over RigL, ...), converted for
+    the base's constructor as a block's own settings are: schedules and update schedules."""
+    try:
+        params = algorithm_parameters(get_algorithm(base)) if isinstance(base, str) else {}
+    except ValueError as e:
+        return values, [Problem(path, str(e))]
+    out, problems = {}, []
+    for key, value in values.items():
+        if key in params:
+            out[key], extra = _convert_extra(value, params[key], f"{path}.{key}")
+            problems.extend(extra)
+        elif params:
+            valid = sorted(k for k in params if k not in _RESERVED)
+            problems.append(Problem(f"{path}.{key}", f"unknown key for base {base!r}{_suggest(key, valid)}; "
+                                                     f"valid keys: {valid}"))
+        else:
+            out[key] = value
+    return out, problems
 
 
 def _convert_extra(value: Any, param: inspect.Parameter, path: str) -> tuple[Any, list[Problem]]:
@@ -682,7 +742,7 @@ def parse_config(raw: dict[str, Any], source: str | None = None) -> tuple[Experi
     Raises :class:`ConfigError` listing every problem found."""
     if not isinstance(raw, dict):
         raise ConfigError([f"the config must be a mapping (key: value), not a {type(raw).__name__}"], source)
-    problems: list[Problem] = []
+    raw, problems = _cerebras_spellings(raw)
     config = None
     try:
         config = ExperimentConfig.model_validate(raw)
@@ -900,7 +960,24 @@ def plan_sparsity(config: ExperimentConfig | dict | list, model: nn.Module, batc
                                  note=_dense_reason(name, param, _owner(model, name), explicit)))
     if problems:
         raise ConfigError(problems)
-    return SparsityPlan(algorithms, rows)
+    plan = SparsityPlan(algorithms, rows)
+    if any(b.add_summaries for _, b in blocks):
+        _log_summaries(plan)
+    return plan
+
+
+def _log_summaries(plan: SparsityPlan) -> None:
+    """``add_summaries: true`` (Cerebras): log which weights are sparsified, at what density, and why
+    the others stay dense (logger ``fastsparse.config``, level INFO)."""
+    import logging
+
+    log = logging.getLogger("fastsparse.config")
+    for r in plan.rows:
+        if r.algorithm is None:
+            log.info("%s %s: dense (%s)", r.name, tuple(r.shape), r.note)
+        else:
+            log.info("%s %s: %s, target density %.4f (%s)", r.name, tuple(r.shape), r.algorithm,
+                     r.target_density, r.block)
 
 
 _EXPERIMENT_ONLY = set(ExperimentConfig.model_fields) - set(SparsityBlock.model_fields)
@@ -952,6 +1029,10 @@ def _plan_block(path: str, block: SparsityBlock, selected, batch: Any,
                 continue
             if key in _PASSED_AS_IS:
                 kwargs[key] = _build_value(specs[key])
+            elif key == "base_kwargs" and isinstance(value, dict):
+                kwargs[key], extra = _convert_base_kwargs(value, settings.get("base", _default(params, "base")),
+                                                          f"{where}.{key}")
+                problems.extend(extra)
             else:
                 kwargs[key], extra = _convert_extra(value, params[key], f"{where}.{key}")
                 problems.extend(extra)

@@ -85,6 +85,8 @@ class Experiment:
     cost: LayerCost
     data: Dataset | None = None
     notes: list[str] = field(default_factory=list)
+    search: Any = None   # a score-search algorithm (gem, edge_popup): the engine is built after its search
+    device: torch.device = torch.device("cpu")
 
 
 def lr_factor(step: int, total_steps: int, steps_per_epoch: int, spec) -> float:
@@ -117,7 +119,14 @@ def _n_train(name: str, kwargs: dict[str, Any]) -> int:
         return 1797 - math.ceil(1797 * kwargs.get("test_fraction", 0.25))
     if name == "synthetic":
         return int(kwargs.get("n_train", 2000))
-    full = 60000 if name == "mnist" else 50000
+    if name == "imagefolder":
+        from .data import IMAGE_EXTENSIONS, _imagefolder_split
+        train, _, classes = _imagefolder_split(kwargs.get("root", "data/imagenet"), kwargs.get("train_dir", "train"),
+                                               kwargs.get("test_dir", "val"))
+        full = sum(1 for c in classes if (train / c).is_dir() for p in (train / c).iterdir()
+                   if p.suffix.lower() in IMAGE_EXTENSIONS)
+    else:
+        full = {"mnist": 60000, "cifar10": 50000, "cifar100": 50000}.get(name, 50000)
     size = kwargs.get("train_size")
     return min(full, int(size)) if size else full
 
@@ -128,9 +137,35 @@ def _optimizer(config: ExperimentConfig, model: nn.Module) -> torch.optim.Optimi
     return cls(model.parameters(), **spec)
 
 
-def prepare(config: ExperimentConfig | dict, load_data: bool = True) -> Experiment:
+def _ranks() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto``: the GPU of this rank (``LOCAL_RANK`` under torchrun) if there is one, else the CPU."""
+    if spec == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError([Problem("device", f"is {spec!r}, but this machine has no CUDA GPU; use auto or cpu")])
+    return device
+
+
+_KNOWN_SHAPES = ("mnist", "cifar10", "cifar100")   # data sets whose shape is known without their files
+
+
+def prepare(config: ExperimentConfig | dict, load_data: bool = True, require_data: bool = True) -> Experiment:
     """Build model, optimizer, LR schedule and sparsifier from a config, checking that they fit
-    the data. Raises :class:`ConfigError` with every problem found."""
+    the data. Raises :class:`ConfigError` with every problem found. A dry run (``load_data=False``)
+    with ``require_data=False`` checks a config whose data files are absent against the data
+    set's known shape (MNIST, CIFAR), with a note."""
     notes: list[str] = []
     if not isinstance(config, ExperimentConfig):
         config, notes = parse_config(config)
@@ -140,14 +175,22 @@ def prepare(config: ExperimentConfig | dict, load_data: bool = True) -> Experime
     try:
         check_dataset(name, **kwargs)
         data = _load_cached(name, json.dumps(kwargs, sort_keys=True)) if load_data else None
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise ConfigError([Problem("data.root" if name in ("mnist", "cifar10") else "data", str(e))]) from None
+    except FileNotFoundError as e:
+        if load_data or require_data or name not in _KNOWN_SHAPES:
+            raise ConfigError([Problem("data.root" if name in _KNOWN_SHAPES else "data", str(e))]) from None
+        # a dry run checks the rest of the config against the data set's known shape
+        notes.append(f"data.root: {e}; the dry run assumes {name}'s shape, training needs the files")
+        data = None
+    except (ValueError, OSError) as e:
+        raise ConfigError([Problem("data.root" if name in _KNOWN_SHAPES else "data", str(e))]) from None
     if data is not None:
         input_shape, num_classes, n_train = data.input_shape, data.num_classes, len(data.x_train)
     else:
         input_shape, num_classes = dataset_info(name, **kwargs)
         n_train = _n_train(name, kwargs)
 
+    # a dry run (no data) stays on the CPU: validating needs no GPU
+    device = resolve_device(config.device) if load_data else torch.device("cpu")
     torch.manual_seed(config.seed)
     model_kwargs = {k: v for k, v in config.model.model_dump().items() if k != "name"}
     try:
@@ -155,26 +198,69 @@ def prepare(config: ExperimentConfig | dict, load_data: bool = True) -> Experime
     except (ValueError, TypeError) as e:
         raise ConfigError([Problem("model", f"{e} (data {name!r}: inputs {tuple(input_shape)}, "
                                             f"{num_classes} classes)")]) from None
+    model.to(device)
     _check_fits(model, input_shape, num_classes, name)
     cost = layer_costs(model, input_shape)
     optimizer = _optimizer(config, model)
-    steps_per_epoch = math.ceil(n_train / config.data.batch_size)
+    # under torchrun each rank takes batch_size examples of every global batch of batch_size · world
+    steps_per_epoch = math.ceil(n_train / (config.data.batch_size * _ranks()[1]))
     total_steps = steps_per_epoch * config.epochs
     spec = config.lr_schedule
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, steps_per_epoch, spec))
     plan, sparsifier = None, None
     if config.sparsity is not None:
-        batch = _first_batch(data, input_shape, num_classes, config.data.batch_size)
+        batch = tuple(t.to(device) for t in _first_batch(data, input_shape, num_classes, config.data.batch_size))
         _gradients_on(model, batch)
         plan = plan_sparsity(config, model, batch)
-        try:
-            sparsifier = Sparsifier(model, optimizer, plan.algorithms, total_steps=total_steps, seed=config.seed)
-        except (ValueError, TypeError) as e:
-            raise ConfigError([Problem("sparsity", str(e))]) from None
-        _final_targets(plan, sparsifier, total_steps)
+        search = _check_own_loops(plan.algorithms, model, steps_per_epoch, config.epochs)
+        if search is None:
+            try:
+                sparsifier = Sparsifier(model, optimizer, plan.algorithms, total_steps=total_steps, seed=config.seed)
+            except (ValueError, TypeError) as e:
+                raise ConfigError([Problem("sparsity", str(e))]) from None
+            _final_targets(plan, sparsifier, total_steps)
+    else:
+        search = None
     return Experiment(config, resolved, model, optimizer, scheduler, sparsifier, plan, tuple(input_shape),
-                      num_classes, n_train, steps_per_epoch, total_steps, cost, data, notes)
+                      num_classes, n_train, steps_per_epoch, total_steps, cost, data, notes, search, device)
+
+
+def _check_own_loops(algorithms: Sequence[Any], model: nn.Module, steps_per_epoch: int, epochs: int) -> Any:
+    """Check the methods that add to the loop against the training budget: Sup-tickets (its cycles
+    must fit; it learns the epoch length here) and score search (gem, edge_popup: alone, and
+    GEM-MINER's rounds must reach the target). Returns the score-search algorithm, if any."""
+    from .algorithms.gems import GemMiner, _ScoreSearch
+    from .algorithms.suptickets import SupTickets, cyclic_plan
+
+    problems: list[Problem] = []
+    sup = [a for a in algorithms if isinstance(a, SupTickets)]
+    searchers = [a for a in algorithms if isinstance(a, _ScoreSearch)]
+    if len(sup) > 1:
+        problems.append(Problem("sparsity", "one suptickets block at most: its cycles set the learning rate "
+                                            "of the whole model"))
+    for a in sup:
+        if a.steps_per_epoch not in (None, steps_per_epoch):
+            problems.append(Problem("sparsity.steps_per_epoch", f"is {a.steps_per_epoch}, but the data gives "
+                                                                f"{steps_per_epoch} steps per epoch; leave it out"))
+        try:
+            cyclic_plan(epochs, a.cycle, a.cycle_rate)
+        except ValueError as e:
+            problems.append(Problem("sparsity.cycle", f"{e} (epochs: {epochs})"))
+    if searchers and len(algorithms) > 1:
+        problems.append(Problem("sparsity", f"{searchers[0].name} searches the masks of the whole model with frozen "
+                                            "weights: it cannot share the model with other sparsity blocks"))
+    for a in searchers:
+        if isinstance(a, GemMiner):
+            try:
+                a.check_budget(sum(sp.param.numel() for sp in a.select(model)), epochs)
+            except ValueError as e:
+                problems.append(Problem("sparsity.iter_period", f"{e} (epochs of search: {epochs})"))
+    if problems:
+        raise ConfigError(problems)
+    for a in sup:
+        a.steps_per_epoch = steps_per_epoch
+    return searchers[0] if searchers else None
 
 
 def _final_targets(plan: SparsityPlan, sparsifier: Sparsifier, total_steps: int) -> None:
@@ -216,7 +302,8 @@ def _gradients_on(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
 def _check_fits(model: nn.Module, input_shape: Sequence[int], num_classes: int, data_name: str) -> None:
     model.eval()
     try:
-        out = model(torch.zeros(2, *input_shape))
+        p = next(model.parameters(), None)
+        out = model(torch.zeros(2, *input_shape, device=p.device if p is not None else "cpu"))
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise ConfigError([Problem("model", f"does not accept the inputs of data {data_name!r}, of shape "
@@ -246,7 +333,10 @@ def run_dir_for(resolved: dict[str, Any], out: str | os.PathLike) -> Path:
 
 
 def _atomic_write(path: Path, data: bytes | str) -> None:
-    """Write to a temporary file, then rename: a killed process leaves the old file or the new one."""
+    """Write to a temporary file, then rename: a killed process leaves the old file or the new one.
+    Under torchrun only rank 0 writes (the ranks hold the same model)."""
+    if _ranks()[0] != 0:
+        return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
@@ -254,6 +344,8 @@ def _atomic_write(path: Path, data: bytes | str) -> None:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    if _ranks()[0] != 0:
+        return
     buf = io.BytesIO()
     torch.save(obj, buf)
     _atomic_write(path, buf.getvalue())
@@ -326,8 +418,10 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> tuple[f
     """(mean cross-entropy, accuracy) on the test set."""
     model.eval()
     loss, correct = 0.0, 0
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
     for i in range(0, len(data.x_test), batch_size):
-        x, y = data.inputs(data.x_test[i:i + batch_size]), data.y_test[i:i + batch_size]
+        x, y = data.inputs(data.x_test[i:i + batch_size]).to(device), data.y_test[i:i + batch_size].to(device)
         out = model(x)
         loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
@@ -387,27 +481,38 @@ class _Progress:
             self.bar.stop()
 
 
+# the columns of metrics.csv: the union of the records' keys (a search epoch has no train loss)
+METRIC_COLUMNS = ("epoch", "phase", "step", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                  "sparsity", "updates", "changed_fraction", "itop_rate", "forward_flops", "flagged", "seconds")
+
+
+def _csv_writer(f) -> csv.DictWriter:
+    return csv.DictWriter(f, fieldnames=METRIC_COLUMNS, restval="", extrasaction="ignore")
+
+
 def _write_metrics(run_dir: Path, metrics: list[dict[str, Any]], updates: list[dict[str, Any]]) -> None:
     """Rewrite the three logs from the checkpoint's records (at the start and on resume)."""
     _atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
     buf = io.StringIO()
     if metrics:
-        writer = csv.writer(buf)
-        writer.writerow(list(metrics[0]))
-        writer.writerows([list(m.values()) for m in metrics])
+        writer = _csv_writer(buf)
+        writer.writeheader()
+        writer.writerows(metrics)
     _atomic_write(run_dir / "metrics.csv", buf.getvalue())
     _atomic_write(run_dir / "updates.jsonl", "".join(json.dumps(u) + "\n" for u in updates))
 
 
 def _append_metrics(run_dir: Path, m: dict[str, Any], new_updates: list[dict[str, Any]]) -> None:
     """Append one epoch to the logs (the checkpoint, written first, holds the same records)."""
+    if _ranks()[0] != 0:
+        return
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(m) + "\n")
     with open(run_dir / "metrics.csv", "a", newline="") as f:
-        writer = csv.writer(f)
+        writer = _csv_writer(f)
         if f.tell() == 0:
-            writer.writerow(list(m))
-        writer.writerow(list(m.values()))
+            writer.writeheader()
+        writer.writerow(m)
     if new_updates:
         with open(run_dir / "updates.jsonl", "a") as f:
             f.write("".join(json.dumps(u) + "\n" for u in new_updates))
@@ -454,7 +559,11 @@ def run(config: ExperimentConfig | dict, out: str | os.PathLike = "runs", *, res
     if not resume and ckpt_path.is_file():
         raise ResumeError(f"{run_dir} holds an interrupted run of this config: pass --resume to continue it, "
                           f"or delete the folder to start over")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if _ranks()[1] > 1:
+        import torch.distributed as dist
+        dist.barrier()   # every rank has made the checks above before rank 0 writes anything
+    if _ranks()[0] == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(run_dir / "config.yaml", _yaml(exp.resolved))
     if not (run_dir / "run.json").is_file():
         _atomic_write(run_dir / "run.json", json.dumps({"source": source, "hash": config_hash(exp.resolved),
@@ -465,44 +574,80 @@ def run(config: ExperimentConfig | dict, out: str | os.PathLike = "runs", *, res
 
 def _train(exp: Experiment, run_dir: Path, checkpoint: Path | None, progress: bool, every: int,
            on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
+    state = _load_checkpoint(checkpoint) if checkpoint is not None else None
+    if exp.search is not None:
+        return _train_scored(exp, run_dir, state, progress, every, on_epoch_end)
+    return _loop(exp, run_dir, state, progress, every, on_epoch_end)
+
+
+def _loop(exp: Experiment, run_dir: Path, state: dict[str, Any] | None, progress: bool, every: int,
+          on_epoch_end: Callable[[int, dict[str, Any]], None] | None, *, first_epoch: int = 0,
+          metrics: list[dict[str, Any]] | None = None, phase: str = "train",
+          extra_state: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Epochs ``first_epoch`` to ``first_epoch + config.epochs`` of the standard loop (continuing
+    from ``state``, a checkpoint, if given), then the summary."""
+    from .algorithms.suptickets import SupTickets, TicketCollector
+
     config, model, opt, sched, sparsifier, data = (exp.config, exp.model, exp.optimizer, exp.scheduler,
                                                    exp.sparsifier, exp.data)
     assert data is not None
     bs, n = config.data.batch_size, len(data.x_train)
     order = torch.Generator().manual_seed(config.seed)
-    metrics: list[dict[str, Any]] = []
+    metrics = list(metrics or [])
     acc = {"train_seconds": 0.0, "sparse_forward": 0.0, "update_examples": 0}
-    start_epoch = 0
-    if checkpoint is not None:
-        state = _load_checkpoint(checkpoint)
+    start_epoch = first_epoch
+    tickets = None
+    if sparsifier is not None and any(isinstance(g.algorithm, SupTickets) for g in sparsifier.groups):
+        tickets = TicketCollector(model, sparsifier)   # the cyclic phase: learning rate, tickets, superposition
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if sparsifier is not None:
             sparsifier.load_state_dict(state["sparsifier"])
+        if tickets is not None:
+            tickets.load_state_dict(state["suptickets"])
         order.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
         metrics, acc = state["metrics"], state["accumulators"]
         start_epoch = state["epoch"]
         log.info("resuming %s at epoch %d", run_dir, start_epoch)
+
+    def extra() -> dict[str, Any]:
+        out = extra_state() if extra_state is not None else {}
+        if tickets is not None:
+            out["suptickets"] = tickets.state_dict()
+        return out
+
     _write_metrics(run_dir, metrics, sparsifier.history if sparsifier is not None else [])
     f_dense = forward_flops(model, exp.cost, sparse=False)
-    loss_f = nn.CrossEntropyLoss()
-    bar = _Progress(progress, exp.total_steps, config.epochs, start_epoch, _label(exp.resolved))
+    loss_f = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    last_epoch = first_epoch + config.epochs
+    rank, world = _ranks()
+    device = exp.device
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        # masks are buffers kept equal by the engine (and checked at every update): not broadcast
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
+    bar = _Progress(progress, exp.total_steps, config.epochs, start_epoch - first_epoch, _label(exp.resolved))
     try:
-        for epoch in range(start_epoch, config.epochs):
+        for epoch in range(start_epoch, last_epoch):
             t0 = time.perf_counter()
             f_start = forward_flops(model, exp.cost)
             n_history = len(sparsifier.history) if sparsifier is not None else 0
             model.train()
-            loss_sum, correct, changed = 0.0, 0, []
+            loss_sum, correct, changed, cyclic_lr = 0.0, 0, [], None
             perm = torch.randperm(n, generator=order)
-            for i in range(0, n, bs):
-                idx = perm[i:i + bs]
-                x, y = data.inputs(data.x_train[idx]), data.y_train[idx]
+            for i in range(0, n, bs * world):
+                idx = perm[i:i + bs * world].tensor_split(world)[rank]
+                x, y = data.inputs(data.x_train[idx]).to(device), data.y_train[idx].to(device)
                 n_updates = len(sparsifier.history) if sparsifier is not None else 0
+                if tickets is not None:
+                    cyclic_lr = tickets.set_lr(opt, sparsifier.step_count)
                 opt.zero_grad(set_to_none=True)
-                out = model(x)
+                out = net(x)
                 loss = loss_f(out, y)
                 loss.backward()
                 opt.step()
@@ -513,13 +658,17 @@ def _train(exp: Experiment, run_dir: Path, checkpoint: Path | None, progress: bo
                     changed.append(sparsifier.history[-1]["changed_fraction"])
                     acc["update_examples"] += len(idx)
                 bar.step()
+            if world > 1:
+                loss_sum, correct = _sum_over_ranks(loss_sum, correct)
             test_loss, test_acc = evaluate(model, data)
             f_end = forward_flops(model, exp.cost)
             acc["sparse_forward"] += 0.5 * (f_start + f_end) * n
             acc["train_seconds"] += time.perf_counter() - t0
             m = {
-                "epoch": epoch + 1, "step": (epoch + 1) * exp.steps_per_epoch,
-                "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / n, "train_accuracy": correct / n,
+                "epoch": epoch + 1, "phase": phase,
+                "step": (epoch + 1 - first_epoch) * exp.steps_per_epoch,
+                "lr": cyclic_lr if cyclic_lr is not None else opt.param_groups[0]["lr"],
+                "train_loss": loss_sum / n, "train_accuracy": correct / n,
                 "test_loss": test_loss, "test_accuracy": test_acc,
                 "sparsity": sparsifier.sparsity() if sparsifier is not None else 0.0,
                 "updates": len(changed), "changed_fraction": sum(changed) / len(changed) if changed else 0.0,
@@ -528,29 +677,168 @@ def _train(exp: Experiment, run_dir: Path, checkpoint: Path | None, progress: bo
                 "seconds": acc["train_seconds"],
             }
             metrics.append(m)
-            if (epoch + 1) % every == 0 or epoch + 1 == config.epochs:
-                _checkpoint(run_dir, exp, epoch + 1, order, metrics, acc)
+            if (epoch + 1) % every == 0 or epoch + 1 == last_epoch:
+                _checkpoint(run_dir, exp, epoch + 1, order, metrics, acc, extra())
             _append_metrics(run_dir, m, sparsifier.history[n_history:] if sparsifier is not None else [])
             bar.epoch(m)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, m)
     finally:
         bar.close()
+    if tickets is not None:
+        _superpose(exp, tickets, metrics, run_dir)
     return _finish(exp, run_dir, metrics, acc, f_dense)
 
 
+def _sum_over_ranks(*values: float) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def _train_batches(data: Dataset, batch_size: int, device: torch.device) -> Any:
+    """The training inputs in order, batch by batch (for re-estimating BatchNorm statistics)."""
+    for i in range(0, len(data.x_train), batch_size):
+        yield data.inputs(data.x_train[i:i + batch_size]).to(device)
+
+
+def _superpose(exp: Experiment, tickets: Any, metrics: list[dict[str, Any]], run_dir: Path) -> None:
+    """Sup-tickets after the last cycle: superpose the tickets, prune back, re-estimate BN, and
+    record the superposed model's accuracy as the last line of the metrics."""
+    data = exp.data
+    assert data is not None and exp.sparsifier is not None
+    tickets.finish(_train_batches(data, exp.config.data.batch_size, exp.device))
+    test_loss, test_acc = evaluate(exp.model, data)
+    m = dict(metrics[-1], phase="superposed", test_loss=test_loss, test_accuracy=test_acc,
+             sparsity=exp.sparsifier.sparsity(), forward_flops=forward_flops(exp.model, exp.cost))
+    metrics.append(m)
+    _append_metrics(run_dir, m, [])
+    log.info("superposed %d tickets: test accuracy %.4f (last ticket %.4f)", len(tickets.tickets), test_acc,
+             metrics[-2]["test_accuracy"])
+
+
+class _Batches:
+    """The training set in batches, reshuffled each epoch by a seeded generator (for drivers that
+    iterate data themselves: the score search)."""
+
+    def __init__(self, data: Dataset, batch_size: int, order: torch.Generator, device: torch.device):
+        self.data, self.batch_size, self.order, self.device = data, batch_size, order, device
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.data.x_train) / self.batch_size)
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.data.x_train), generator=self.order)
+        for i in range(0, len(perm), self.batch_size):
+            idx = perm[i:i + self.batch_size]
+            yield self.data.inputs(self.data.x_train[idx]).to(self.device), self.data.y_train[idx].to(self.device)
+
+
+def _train_scored(exp: Experiment, run_dir: Path, state: dict[str, Any] | None, progress: bool, every: int,
+                  on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
+    """edge-popup and GEM-MINER: ``epochs`` epochs of score search with frozen weights (SGD with
+    the config's optimizer settings and ``lr_schedule``), then ``fine_tune_epochs`` (default:
+    as many) training the weights under the found mask at ``fine_tune_lr`` with
+    ``fine_tune_lr_policy``. A checkpoint is written when the search ends and during fine-tuning;
+    an interrupted search starts over (it is deterministic, so it finds the same masks)."""
+    from .algorithms.gems import freeze_bn_affine_, search
+    from .masks import attach_mask
+
+    config, model, data, alg = exp.config, exp.model, exp.data, exp.search
+    assert data is not None
+    search_epochs = config.epochs
+    ft_epochs = alg.fine_tune_epochs if alg.fine_tune_epochs is not None else search_epochs
+    metrics: list[dict[str, Any]] = []
+    if state is None:
+        loss_f = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        # every rank searches the whole data the same way (the search is deterministic), then
+        # fine-tuning shares the batches out as in the standard loop
+        loader = _Batches(data, config.data.batch_size, torch.Generator().manual_seed(config.seed), exp.device)
+        t0 = time.perf_counter()
+
+        def after_epoch(epoch: int, scored: nn.Module) -> None:
+            test_loss, test_acc = evaluate(scored, data)
+            m = {"epoch": epoch + 1, "phase": "search", "step": (epoch + 1) * exp.steps_per_epoch,
+                 "test_loss": test_loss, "test_accuracy": test_acc,
+                 "flagged": sum(int(f.sum()) for f in scored.flags), "seconds": time.perf_counter() - t0}
+            metrics.append(m)
+            period = getattr(alg, "iter_period", 0)
+            if getattr(alg, "checkpoint_at_prune", False) and period and (epoch + 1) % period == 0 and \
+                    (epoch + 1) // period <= (search_epochs - 1) // period:
+                _atomic_save({"epoch": epoch + 1, "scores": [s.detach().clone() for s in scored.scores],
+                              "flags": [f.clone() for f in scored.flags]},
+                             run_dir / f"prune_round{(epoch + 1) // period}.pt")
+            if alg.sanity_checks and epoch + 1 == search_epochs:
+                from .algorithms.gems import sanity_variants
+                sanity = {k: evaluate(v, data)[1] for k, v in sanity_variants(scored, config.seed).items()}
+                _atomic_write(run_dir / "sanity.json", json.dumps(sanity, indent=1))
+                log.info("sanity checks of the found ticket (test accuracy before fine-tuning): %s",
+                         ", ".join(f"{k} {v:.4f}" for k, v in sanity.items()))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, m)
+
+        opt = config.optimizer
+        total = search_epochs * exp.steps_per_epoch
+        search(model, alg, loader, lambda mdl, b: loss_f(mdl(b[0]), b[1]), search_epochs, lr=opt.lr,
+               momentum=float(getattr(opt, "momentum", 0.9) or 0.0), weight_decay=opt.weight_decay,
+               seed=config.seed, on_epoch_end=after_epoch,
+               lr_factor=lambda step: lr_factor(step, total, exp.steps_per_epoch, config.lr_schedule))
+        log.info("%s: search done, %d of %d weights kept", alg.name,
+                 sum(int(m.sum()) for m in alg.found.values()), sum(m.numel() for m in alg.found.values()))
+    else:
+        alg.load_state_dict(state["search"])
+        freeze_bn_affine_(model)   # as the search left it: BatchNorm non-affine
+        for sp in alg.select(model):
+            attach_mask(sp, alg.found[sp.name])   # as the search left it: the found masks attached
+        metrics = [m for m in state["metrics"] if m.get("phase") == "search"]
+    ft = _fine_tune_experiment(exp, ft_epochs)
+    if state is None:
+        state = _checkpoint(run_dir, ft, search_epochs, torch.Generator().manual_seed(config.seed), metrics,
+                            {"train_seconds": metrics[-1]["seconds"] if metrics else 0.0, "sparse_forward": 0.0,
+                             "update_examples": 0}, {"search": alg.state_dict()})
+    return _loop(ft, run_dir, state, progress, every, on_epoch_end, first_epoch=search_epochs, metrics=metrics,
+                 phase="fine_tune", extra_state=lambda: {"search": alg.state_dict()})
+
+
+def _fine_tune_experiment(exp: Experiment, epochs: int) -> Experiment:
+    """The experiment of the fine-tuning phase: the found masks fixed (a static engine), the
+    weights that can train (BatchNorm stays non-affine), the config's optimizer at ``fine_tune_lr``."""
+    alg, config = exp.search, exp.config
+    spec = config.optimizer.model_dump()
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[spec.pop("name")]
+    spec["lr"] = alg.fine_tune_lr
+    bn = {id(p) for m in exp.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
+          for p in (m.weight, m.bias)}
+    for p in exp.model.parameters():
+        p.requires_grad_(id(p) not in bn)
+    params = [p for p in exp.model.parameters() if p.requires_grad]
+    optimizer = cls(params, **spec)
+    spe = exp.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: alg.fine_tune_factor(step / spe, epochs))
+    sparsifier = Sparsifier(exp.model, optimizer, alg, total_steps=epochs * spe, seed=config.seed)
+    return Experiment(config.model_copy(update={"epochs": epochs}), exp.resolved, exp.model, optimizer,
+                      scheduler, sparsifier, exp.plan, exp.input_shape, exp.num_classes, exp.n_train, spe,
+                      epochs * spe, exp.cost, exp.data, exp.notes, None, exp.device)
+
+
 def _checkpoint(run_dir: Path, exp: Experiment, epoch: int, order: torch.Generator,
-                metrics: list[dict[str, Any]], acc: dict[str, Any]) -> None:
-    """Everything a resumed run needs to continue bit for bit, written atomically."""
+                metrics: list[dict[str, Any]], acc: dict[str, Any], extra: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """Everything a resumed run needs to continue bit for bit, written atomically (and returned)."""
     sparsifier = exp.sparsifier
     state = {
         "epoch": epoch, "model": exp.model.state_dict(), "optimizer": exp.optimizer.state_dict(),
         "scheduler": exp.scheduler.state_dict(),
         "sparsifier": sparsifier.state_dict() if sparsifier is not None else None,
         "data_rng": order.get_state(), "torch_rng": torch.get_rng_state(), "metrics": metrics,
-        "accumulators": acc, "config_hash": config_hash(exp.resolved),
+        "accumulators": acc, "config_hash": config_hash(exp.resolved), **(extra or {}),
     }
     _atomic_save(state, run_dir / "checkpoint.pt")
+    return state
 
 
 def _finish(exp: Experiment, run_dir: Path, metrics: list[dict[str, Any]], acc: dict[str, Any],
@@ -607,9 +895,6 @@ _GENERIC = {"dst"}
 # Methods whose training is not the standard loop (unless their class says otherwise with a
 # ``standard_loop`` attribute): in it they would run as something else under their name.
 _OWN_LOOP = {
-    "edge_popup": "trains scores with frozen weights (fastsparse.algorithms.gems.search), not weights",
-    "gem": "trains scores with frozen weights, then fine-tunes (fastsparse.algorithms.gems)",
-    "suptickets": "its cyclic phase and superposition run in SupTicketsTrainer",
     "prune_and_grow_global": "a pruning-stability test: it keeps the density it starts from (dense here)",
     "prune_and_grow_uniform": "a pruning-stability test: it keeps the density it starts from (dense here)",
 }
@@ -639,8 +924,7 @@ def _probe(method: str, base: dict[str, Any], block: dict[str, Any] | None) -> s
     cls = get_algorithm(method)
     if not getattr(cls, "standard_loop", method not in _OWN_LOOP):
         return _OWN_LOOP.get(method, "needs its own training loop")
-    cfg = method_config(base, method, 0.9, 0, block)
-    cfg["epochs"] = 1
+    cfg = method_config(base, method, 0.9, 0, block)   # the base's epochs: Sup-tickets' cycles must fit them
     try:
         exp = prepare(cfg)
         data = exp.data

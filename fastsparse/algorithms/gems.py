@@ -32,10 +32,12 @@ from .base import SparsityAlgorithm, generator_for, register
 
 __all__ = [
     "EdgePopup", "GemMiner", "ScoredModel", "search", "finetune", "signed_constant_", "freeze_bn_affine_",
-    "hc_iter_keep_counts", "SCORE_INITS", "GEM_ALGOS", "REGULARIZATIONS",
+    "hc_iter_keep_counts", "SCORE_INITS", "FINE_TUNE_POLICIES", "WEIGHT_INITS", "sanity_variants", "GEM_ALGOS", "REGULARIZATIONS",
 ]
 
 SCORE_INITS = ("unif", "half", "bern", "kaiming")
+FINE_TUNE_POLICIES = ("cosine", "constant", "multistep")
+WEIGHT_INITS = ("signed_constant", "keep")
 GEM_ALGOS = ("hc", "hc_iter")
 REGULARIZATIONS = ("L2", "L1", "none")
 
@@ -53,11 +55,14 @@ class _STE(torch.autograd.Function):
 
 
 @torch.no_grad()
-def signed_constant_(params: Sequence[SparseParam]) -> None:
-    """w ← sign(w) · sqrt(2 / fan_in), fan_in = numel / shape[0]."""
-    for sp in params:
+def signed_constant_(params: Sequence[SparseParam], densities: Sequence[float] | None = None) -> None:
+    """w ← sign(w) · sqrt(2 / fan_in), fan_in = numel / shape[0]; with ``densities`` (Rare Gems'
+    ``scale_fan``) the fan-in counts only the weights a layer keeps: fan_in · density."""
+    for i, sp in enumerate(params):
         w = sp.param
         fan_in = w[0].numel() if w.dim() > 1 else w.numel()
+        if densities is not None:
+            fan_in = max(1e-12, fan_in * float(densities[i]))
         w.copy_(torch.sign(w) * math.sqrt(2.0 / fan_in))
 
 
@@ -96,15 +101,48 @@ class _ScoreSearch(SparsityAlgorithm):
     score_init_default = "unif"
 
     def __init__(self, sparsity: float = 0.9, distribution: str | Callable = "uniform", scope: str = "local",
-                 score_init: str | None = None, **kwargs):
+                 score_init: str | None = None, fine_tune_epochs: int | None = None, fine_tune_lr: float = 0.01,
+                 fine_tune_lr_policy: str = "cosine", lr_adjust: int = 50, lr_gamma: float = 0.1,
+                 weight_init: str = "signed_constant", scale_fan: bool = False, sanity_checks: bool = False,
+                 **kwargs):
         super().__init__(sparsity, distribution, **kwargs)
+        if weight_init not in WEIGHT_INITS:
+            raise ValueError(f"unknown weight_init {weight_init!r}; valid: {list(WEIGHT_INITS)} (keep: the "
+                             "model's own initial weights)")
         if scope not in ("local", "global"):
             raise ValueError(f"unknown scope {scope!r}; valid: ['local', 'global']")
         score_init = score_init or self.score_init_default
         if score_init not in SCORE_INITS:
             raise ValueError(f"unknown score_init {score_init!r}; valid: {list(SCORE_INITS)}")
+        if fine_tune_epochs is not None and (isinstance(fine_tune_epochs, bool) or not isinstance(fine_tune_epochs, int)
+                                             or fine_tune_epochs < 1):
+            raise ValueError(f"fine_tune_epochs must be a whole number ≥ 1 (None: as many as the search), "
+                             f"got {fine_tune_epochs!r}")
+        if not float(fine_tune_lr) > 0:
+            raise ValueError(f"fine_tune_lr must be > 0, got {fine_tune_lr}")
+        policy = str(fine_tune_lr_policy).lower().removesuffix("_lr")
+        if policy not in FINE_TUNE_POLICIES:
+            raise ValueError(f"unknown fine_tune_lr_policy {fine_tune_lr_policy!r}; valid: "
+                             f"{list(FINE_TUNE_POLICIES)} (a trailing _lr is accepted: cosine_lr)")
+        if isinstance(lr_adjust, bool) or not isinstance(lr_adjust, int) or lr_adjust < 1:
+            raise ValueError(f"lr_adjust must be a whole number of epochs ≥ 1, got {lr_adjust!r}")
+        if not 0 < float(lr_gamma) <= 1:
+            raise ValueError(f"lr_gamma must be in (0, 1], got {lr_gamma}")
         self.scope, self.score_init = scope, score_init
+        self.fine_tune_epochs, self.fine_tune_lr, self.fine_tune_lr_policy = fine_tune_epochs, float(fine_tune_lr), policy
+        self.lr_adjust, self.lr_gamma = lr_adjust, float(lr_gamma)
+        self.weight_init, self.scale_fan, self.sanity_checks = weight_init, bool(scale_fan), bool(sanity_checks)
         self.found: dict[str, Tensor] = {}
+
+    def fine_tune_factor(self, epoch: float, epochs: int) -> float:
+        """The fine-tuning learning rate at ``epoch`` (fractional) of ``epochs``, as a factor of
+        ``fine_tune_lr``: cosine ½(1 + cos(π · epoch / epochs)); constant 1; multistep
+        lr_gamma^⌊epoch / lr_adjust⌋."""
+        if self.fine_tune_lr_policy == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, epoch / max(1, epochs))))
+        if self.fine_tune_lr_policy == "multistep":
+            return self.lr_gamma ** int(epoch // self.lr_adjust)
+        return 1.0
 
     def init_scores(self, params: Sequence[SparseParam], seed: int) -> list[Tensor]:
         out = []
@@ -170,7 +208,8 @@ class GemMiner(_ScoreSearch):
 
     def __init__(self, sparsity: float = 0.9, distribution: str | Callable = "uniform", algo: str = "hc_iter",
                  iter_period: int = 5, score_init: str | None = None, regularization: str = "L2",
-                 lmbda: float = 1e-4, quantized: bool = True, unflag_before_finetune: bool = True, **kwargs):
+                 lmbda: float = 1e-4, quantized: bool = True, unflag_before_finetune: bool = True,
+                 quantize_threshold: float = 0.5, checkpoint_at_prune: bool = False, **kwargs):
         super().__init__(sparsity, distribution, score_init=score_init, **kwargs)
         if algo not in GEM_ALGOS:
             raise ValueError(f"unknown GEM-MINER algo {algo!r}; valid: {list(GEM_ALGOS)}")
@@ -183,7 +222,11 @@ class GemMiner(_ScoreSearch):
         if float(lmbda) < 0:
             raise ValueError(f"lmbda must be ≥ 0, got {lmbda}")
         self.algo, self.iter_period, self.regularization = algo, iter_period, regularization
+        if not 0.0 < float(quantize_threshold) < 1.0:
+            raise ValueError(f"quantize_threshold must be in (0, 1) (scores live in [0, 1]), got {quantize_threshold}")
         self.lmbda, self.quantized = float(lmbda), bool(quantized)
+        self.threshold = float(quantize_threshold)
+        self.checkpoint_at_prune = bool(checkpoint_at_prune)
         self.unflag_before_finetune = bool(unflag_before_finetune)
 
     def check_budget(self, numel: int, epochs: int) -> list[int]:
@@ -193,7 +236,7 @@ class GemMiner(_ScoreSearch):
     def gate(self, model: "ScoredModel") -> list[Tensor]:
         out = []
         for s, f in zip(model.scores, model.flags):
-            g = _STE.apply(s, s.detach() > 0.5) if self.quantized else s
+            g = _STE.apply(s, s.detach() > self.threshold) if self.quantized else s
             out.append(g * f)
         return out
 
@@ -227,7 +270,7 @@ class GemMiner(_ScoreSearch):
         flags = [f.bool() for f in model.flags]
         if self.unflag_before_finetune:
             return flags
-        return [f & (s.detach() > 0.5) for f, s in zip(flags, model.scores)]
+        return [f & (s.detach() > self.threshold) for f, s in zip(flags, model.scores)]
 
 
 class ScoredModel(nn.Module):
@@ -248,7 +291,7 @@ class ScoredModel(nn.Module):
             self.register_buffer(f"flag_{i}", torch.ones_like(s))
         self._grad_flags = {id(p): p.requires_grad for p in model.parameters()}
         if init == "signed_constant":
-            signed_constant_(self.params)
+            signed_constant_(self.params, [1.0 - s for s in sparsities] if algorithm.scale_fan else None)
         for p in model.parameters():
             p.requires_grad_(False)
         freeze_bn_affine_(model)
@@ -277,6 +320,37 @@ class ScoredModel(nn.Module):
         return masks
 
 
+class _Fixed(nn.Module):
+    """``model`` run with the given weights (``{name: tensor}``) in place of its own."""
+
+    def __init__(self, model: nn.Module, weights: dict[str, Tensor]):
+        super().__init__()
+        self.model, self.weights = model, weights
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.model, self.weights, args, kwargs)
+
+
+@torch.no_grad()
+def sanity_variants(scored: ScoredModel, seed: int = 0) -> dict[str, nn.Module]:
+    """The found ticket before fine-tuning and its two sanity checks (Frankle et al. 2021), as
+    models to evaluate: ``ticket`` (frozen weights ⊙ found mask), ``shuffled`` (each layer's mask
+    permuted at random, same count) and ``reinit`` (the weights' signs drawn afresh, same
+    magnitudes). A ticket that beats neither variant only found per-layer densities."""
+    from .pai import shuffle_masks
+
+    masks = [m.to(sp.param.dtype) for m, sp in zip(scored.algorithm.final_masks(scored), scored.params)]
+    weights = [sp.param.detach() for sp in scored.params]
+    signs = [torch.where(torch.rand(w.shape, generator=generator_for(seed, 0, "reinit:" + n)) < 0.5, -1.0, 1.0)
+             .to(w.device, w.dtype) for w, n in zip(weights, scored.names)]
+    variants = {
+        "ticket": [w * m for w, m in zip(weights, masks)],
+        "shuffled": [w * m for w, m in zip(weights, shuffle_masks(masks, seed))],
+        "reinit": [w.abs() * s * m for w, s, m in zip(weights, signs, masks)],
+    }
+    return {k: _Fixed(scored.model, dict(zip(scored.names, ws))) for k, ws in variants.items()}
+
+
 def _default_lr_schedule(opt, total):
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, total))
 
@@ -292,13 +366,17 @@ def search(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     seed: int = 0,
-    init: str = "signed_constant",
+    init: str | None = None,
     on_epoch_end: Callable[[int, ScoredModel], None] | None = None,
+    lr_factor: Callable[[int], float] | None = None,
 ) -> ScoredModel:
-    """Train the scores of ``model`` for ``epochs`` epochs (SGD, cosine learning rate), then
-    attach the found masks (:meth:`ScoredModel.finalize`). ``loss_fn(model, batch) -> loss`` is
-    the train step's loss, called with the scored model. Raises before changing anything if
-    the model has no sparsifiable layer or GEM-MINER cannot reach the target in time."""
+    """Train the scores of ``model`` for ``epochs`` epochs (SGD; the learning rate ``lr`` times
+    ``lr_factor(step)``, default a cosine over the search), then attach the found masks
+    (:meth:`ScoredModel.finalize`). ``loss_fn(model, batch) -> loss`` is the train step's loss,
+    called with the scored model; ``init`` (default the algorithm's ``weight_init``): the frozen
+    weights, ``signed_constant`` or ``keep``. Raises before changing anything if the model has no
+    sparsifiable layer or GEM-MINER cannot reach the target in time."""
+    init = init or algorithm.weight_init
     params = algorithm.select(model)   # raises on a model without sparsifiable layers
     sparsities = algorithm.initial_sparsities(params)
     steps_per_epoch = len(train_data)  # type: ignore[arg-type]
@@ -307,7 +385,8 @@ def search(
         rounds = algorithm.check_budget(sum(sp.param.numel() for sp in params), epochs)
     scored = ScoredModel(model, algorithm, params, sparsities, seed, init)
     opt = torch.optim.SGD(scored.scores.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = _default_lr_schedule(opt, epochs * steps_per_epoch)
+    sched = _default_lr_schedule(opt, epochs * steps_per_epoch) if lr_factor is None else \
+        torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     scored.train()
     for epoch in range(epochs):
         for batch in train_data:

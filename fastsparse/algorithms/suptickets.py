@@ -35,7 +35,7 @@ from .base import SparsityAlgorithm, create, generator_for, register
 from .dst import DST, drop_and_grow
 
 __all__ = [
-    "SupTickets", "SupTicketsTrainer", "CyclePlan", "CheapTicket", "Superposer", "cyclic_lr", "cyclic_plan",
+    "SupTickets", "SupTicketsTrainer", "TicketCollector", "CyclePlan", "CheapTicket", "Superposer", "cyclic_lr", "cyclic_plan",
     "superpose", "SUPERPOSITIONS",
 ]
 
@@ -253,17 +253,24 @@ class SupTickets(SparsityAlgorithm):
         return self.base.target_sparsities(params, self._base_clock(clock, plan))
 
     # --- updates ----------------------------------------------------------------------------
+    # Set by a TicketCollector: called with the step count at the end of each cycle, from inside
+    # the engine's step (masks already applied), before the next cycle's re-exploration.
+    on_cycle_end: Callable[[int], None] | None = None
+
     def is_update(self, clock: Clock) -> bool:
         plan = self.plan(clock.total_steps)
         if clock.step < plan.pretrain_steps:
             return self.base.is_update(self._base_clock(clock, plan))
-        return self.re_explore and plan.is_cycle_start(clock.step)
+        return (self.re_explore and plan.is_cycle_start(clock.step)) or \
+            (self.on_cycle_end is not None and plan.is_cycle_end(clock.step))
 
     @torch.no_grad()
     def update_masks(self, params, optimizer, clock: Clock, seed: int) -> list[Tensor] | None:
         plan = self.plan(clock.total_steps)
         if clock.step < plan.pretrain_steps:
             return self.base.update_masks(params, optimizer, self._base_clock(clock, plan), seed)
+        if self.on_cycle_end is not None and plan.is_cycle_end(clock.step):
+            self.on_cycle_end(clock.step)
         if not (self.re_explore and plan.is_cycle_start(clock.step)) or self.explore_rate == 0:
             return None
         out = []
@@ -305,6 +312,86 @@ def _default_inputs(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
+class TicketCollector:
+    """The cyclic phase of Sup-tickets for any loop driven by a :class:`fastsparse.Sparsifier`
+    that holds a :class:`SupTickets` algorithm.
+
+    The loop asks :meth:`set_lr` before each optimizer step (it sets the cyclic learning rate
+    in the cyclic phase and returns it; None in the base phase, where the loop's own schedule
+    rules); the engine saves a ticket at the end of each cycle (masks applied, before the next
+    cycle's re-exploration); after training, :meth:`finish` superposes the tickets, prunes back
+    to the target count and re-estimates BN statistics. :meth:`state_dict` carries the
+    superposition so far, so a resumed run ends with the same model.
+    """
+
+    def __init__(self, model: nn.Module, sparsifier: Any, keep_tickets: bool = False):
+        found = [g for g in sparsifier.groups if isinstance(g.algorithm, SupTickets)]
+        if len(found) != 1:
+            raise ValueError(f"a TicketCollector needs exactly one suptickets algorithm in the engine, "
+                             f"found {len(found)}")
+        self.group = found[0]
+        self.algorithm: SupTickets = self.group.algorithm
+        self.model, self.sparsifier, self.keep_tickets = model, sparsifier, keep_tickets
+        self.plan = self.algorithm.plan(sparsifier.total_steps)
+        self.tickets: list[CheapTicket] = []
+        self.superposer = Superposer(self.algorithm.superposition, self.algorithm.cima_factor)
+        self.algorithm.on_cycle_end = self._save_ticket
+
+    def lr(self, step: int) -> float | None:
+        """The cyclic learning rate of the step after ``step`` steps; None in the base phase."""
+        return self.plan.lr(step)
+
+    def set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float | None:
+        lr = self.plan.lr(step)
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        return lr
+
+    @torch.no_grad()
+    def _save_ticket(self, step: int) -> None:
+        state = self.model.state_dict()
+        self.superposer.add(state)
+        masks = {sp.name: sp.mask.clone() for sp in self.group.params}
+        kept = {k: v.detach().clone() for k, v in state.items()} if self.keep_tickets else None
+        self.tickets.append(CheapTicket(len(self.tickets), step, masks, kept))
+
+    @torch.no_grad()
+    def finish(self, bn_inputs: Iterable | None = None) -> None:
+        """Load the superposed state, prune it back to the target count (global magnitude, or
+        per layer with ``prune_scope="local"``), and re-estimate BN statistics over
+        ``bn_inputs`` (model inputs; required when the model has BatchNorm)."""
+        if not self.tickets:
+            raise ValueError("no ticket was saved: train through the cyclic phase first")
+        current = self.model.state_dict()
+        for name, value in self.superposer.state.items():
+            if value.is_floating_point():
+                current[name].copy_(value)
+        params = self.group.params
+        counts = [int(self.tickets[-1].masks[sp.name].sum()) for sp in params]
+        scores = [sp.param.detach().abs() for sp in params]
+        if self.algorithm.prune_scope == "global":
+            masks = global_topk_masks(scores, sum(counts))
+        else:
+            masks = [topk_mask(s, c) for s, c in zip(scores, counts)]
+        for sp, m in zip(params, masks):
+            self.sparsifier._set_mask(sp, m.to(sp.mask.device))
+        self.sparsifier.apply_masks()
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            if bn_inputs is None:
+                raise ValueError("the model has BatchNorm: pass the training inputs to re-estimate its statistics")
+            torch.optim.swa_utils.update_bn(bn_inputs, self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.superposer.count, "state": dict(self.superposer.state),
+                "tickets": [(t.index, t.step, t.masks) for t in self.tickets]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.superposer.count = int(state["count"])
+        self.superposer.state = {k: v.clone() for k, v in state["state"].items()}
+        self.tickets = [CheapTicket(i, step, masks) for i, step, masks in state["tickets"]]
+
+
 class SupTicketsTrainer:
     """Plain-loop driver: trains ``epochs`` epochs with a :class:`SupTickets` algorithm.
 
@@ -315,7 +402,8 @@ class SupTicketsTrainer:
     the end of each cycle (before the next cycle's re-exploration); after the last one the
     tickets are superposed, pruned back to the target count and BN statistics re-estimated over
     ``bn_data`` (default ``train_data``; ``inputs(batch)`` picks the model's input, default
-    ``batch[0]``).
+    ``batch[0]``). The same steps run in ``fastsparse train`` for ``algorithm: suptickets``
+    (both use a :class:`TicketCollector`).
 
     ``train_data`` is iterated once per epoch and must have a length (steps per epoch).
     """
@@ -342,31 +430,34 @@ class SupTicketsTrainer:
         spe = len(train_data)  # type: ignore[arg-type]
         if spe < 1:
             raise ValueError("train_data is empty")
-        if algorithm.steps_per_epoch is None:
-            algorithm.steps_per_epoch = spe
-        elif algorithm.steps_per_epoch != spe:
+        if algorithm.steps_per_epoch is not None and algorithm.steps_per_epoch != spe:
             raise ValueError(f"the algorithm counts {algorithm.steps_per_epoch} steps per epoch, "
                              f"train_data has {spe} batches")
-        self.plan = algorithm.plan(epochs * spe)   # checks the cycle against the budget first
+        cyclic_plan(epochs, algorithm.cycle, algorithm.cycle_rate)   # checks the cycle against the budget first
+        algorithm.steps_per_epoch = spe
         self.model, self.optimizer, self.algorithm = model, optimizer, algorithm
         self.train_data, self.loss_fn, self.epochs = train_data, loss_fn, int(epochs)
         self.scheduler, self.bn_data, self.inputs = scheduler, bn_data, inputs
-        self.keep_tickets = keep_tickets
         self.sparsifier = Sparsifier(model, optimizer, algorithm, total_steps=epochs * spe, seed=seed, hook=False)
-        self.tickets: list[CheapTicket] = []
+        self.collector = TicketCollector(model, self.sparsifier, keep_tickets)
+        self.plan = self.collector.plan
         self.lrs: list[float] = []
-        self._superposer = Superposer(algorithm.superposition, algorithm.cima_factor)
+
+    @property
+    def tickets(self) -> list[CheapTicket]:
+        return self.collector.tickets
+
+    @property
+    def _superposer(self) -> Superposer:
+        return self.collector.superposer
 
     def fit(self) -> nn.Module:
-        model, opt, engine, plan = self.model, self.optimizer, self.sparsifier, self.plan
+        model, opt, engine = self.model, self.optimizer, self.sparsifier
         step = engine.step_count
         model.train()
         for _ in range(self.epochs):
             for batch in self.train_data:
-                lr = plan.lr(step)
-                if lr is not None:
-                    for group in opt.param_groups:
-                        group["lr"] = lr
+                lr = self.collector.set_lr(opt, step)
                 self.lrs.append(float(opt.param_groups[0]["lr"]))
                 opt.zero_grad()
                 self.loss_fn(model, batch).backward()
@@ -374,40 +465,11 @@ class SupTicketsTrainer:
                 step += 1
                 if lr is None and self.scheduler is not None:
                     self.scheduler.step()
-                if plan.is_cycle_end(step):
-                    engine.apply_masks()
-                    self._save_ticket(step)
-                engine.step()
+                engine.step()   # saves a ticket at a cycle end, then re-explores for the next cycle
         self.superpose()
         return model
 
-    @torch.no_grad()
-    def _save_ticket(self, step: int) -> None:
-        state = self.model.state_dict()
-        self._superposer.add(state)
-        masks = {sp.name: sp.mask.clone() for sp in self.sparsifier.groups[0].params}
-        kept = {k: v.detach().clone() for k, v in state.items()} if self.keep_tickets else None
-        self.tickets.append(CheapTicket(len(self.tickets), step, masks, kept))
-
-    @torch.no_grad()
     def superpose(self) -> None:
         """Load the superposed state, prune it back to the target count, re-estimate BN."""
-        if not self.tickets:
-            raise ValueError("no ticket was saved: train through the cyclic phase first")
-        current = self.model.state_dict()
-        for name, value in self._superposer.state.items():
-            if value.is_floating_point():
-                current[name].copy_(value)
-        params = self.sparsifier.groups[0].params
-        counts = [int(self.tickets[-1].masks[sp.name].sum()) for sp in params]
-        scores = [sp.param.detach().abs() for sp in params]
-        if self.algorithm.prune_scope == "global":
-            masks = global_topk_masks(scores, sum(counts))
-        else:
-            masks = [topk_mask(s, c) for s, c in zip(scores, counts)]
-        for sp, m in zip(params, masks):
-            self.sparsifier._set_mask(sp, m.to(sp.mask.device))
-        self.sparsifier.apply_masks()
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
-            data = self.bn_data if self.bn_data is not None else self.train_data
-            torch.optim.swa_utils.update_bn((self.inputs(b) for b in data), self.model)
+        data = self.bn_data if self.bn_data is not None else self.train_data
+        self.collector.finish(self.inputs(b) for b in data)
