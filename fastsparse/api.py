@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Iterable
+import math
+from typing import Callable, Iterable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .algorithms.base import SparsityAlgorithm
-from .distributions import uniform_sparsity
-from .masks import MaskSet, attach_mask, sparse_params
+from .distributions import check_sparsity, uniform_sparsity
+from .masks import MaskSet, attach_mask, n_keep, sparse_params, topk_mask
 
-__all__ = ["sparsify_model", "SparseHandle"]
+__all__ = ["sparsify_model", "SparseHandle", "sparse_mask", "sparse_mask_like", "top_k_mask",
+           "is_sparseable_module", "sparseable_modules"]
 
 # Optimizers whose masks a Sparsifier already re-applies after each step (its own hook).
 _ENGINE_OPTIMIZERS: "weakref.WeakSet" = weakref.WeakSet()
@@ -108,8 +110,11 @@ def sparsify_model(
     ``sparse_f`` (also spelled ``sparse_init_f`` or ``sparsify_method``) is a name or a
     function ``f(params, model_sparsity) -> list of sparsities``; uniform by default.
     ``init_method`` is ``random``, ``topk`` or ``from_zeros``. Returns a handle whose
-    ``remove()`` stops enforcement; the masks stay as buffers (``<param>_mask``).
+    ``remove()`` stops enforcement; the masks stay as buffers (``<param>_mask``). A fastai
+    ``Learner`` (anything with a ``.model`` module) stands for its model, as in the seed.
     """
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
+        model = model.model
     dist_f = _pick("the distribution", {"sparse_f": sparse_f, "sparse_init_f": sparse_init_f,
                                          "sparsify_method": sparsify_method}) or uniform_sparsity
     enforce = _pick("enforce_masks", {"enforce_masks": enforce_masks, "enforce_mask": enforce_mask})
@@ -124,3 +129,37 @@ def sparsify_model(
     if old is not None:
         old.remove()
     return SparseHandle(model, enforce)
+
+
+# --- the seed's helpers (fastsparse 0.0.5), on the exact-count machinery -------------------------
+_SPARSEABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+               nn.ConvTranspose3d, nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase)
+
+
+def sparse_mask(sizes: Sequence[int], sparsity: float, generator: torch.Generator | None = None) -> Tensor:
+    """A random bool mask of shape ``sizes`` with exactly round((1 − sparsity) · n) ones."""
+    total = math.prod(sizes)
+    keep = n_keep(total, check_sparsity(sparsity))
+    mask = torch.zeros(total, dtype=torch.bool)
+    mask[torch.randperm(total, generator=generator)[:keep]] = True
+    return mask.view(*sizes)
+
+
+def sparse_mask_like(param: Tensor, sparsity: float, generator: torch.Generator | None = None) -> Tensor:
+    """:func:`sparse_mask` of ``param``'s shape, on its device."""
+    return sparse_mask(tuple(param.shape), sparsity, generator).to(param.device)
+
+
+def top_k_mask(t: Tensor, n_keep: int) -> Tensor:
+    """The seed's name for :func:`fastsparse.topk_mask`: ``n_keep`` ones at the largest values of ``t``."""
+    return topk_mask(t, n_keep)
+
+
+def is_sparseable_module(m: nn.Module, additional_types: Sequence[type] = ()) -> bool:
+    """Linear, convolution, attention and recurrent layers (and ``additional_types``), as in the seed."""
+    return isinstance(m, _SPARSEABLE + tuple(additional_types))
+
+
+def sparseable_modules(model: nn.Module, additional_types: Sequence[type] = ()) -> list[nn.Module]:
+    """Every module of ``model`` that :func:`is_sparseable_module` accepts, in order."""
+    return [m for m in model.modules() if is_sparseable_module(m, additional_types)]

@@ -6,6 +6,7 @@
     fastsparse report RUN_DIR
     fastsparse export RUN_DIR_OR_CHECKPOINT --out FILE [--format auto|bitmask|csr]
     fastsparse bench-inference FILE [--batch 1,16,128]
+    fastsparse convert --from suptickets|rare-gems "COMMAND LINE" | FILE.yaml [--out FILE]
 
 Exit status: 0 on success, 2 for a config or input problem (each printed with its path
 in the config), 1 when training itself fails, 130 when interrupted.
@@ -13,6 +14,7 @@ in the config), 1 when training itself fails, 130 when interrupted.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -61,13 +63,17 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of this config."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings only."),
 ) -> None:
-    """Train one experiment into <out>/<algorithm>-<config hash>/ and print its summary."""
+    """Train one experiment into <out>/<algorithm>-<config hash>/ and print its summary.
+    Under ``torchrun --nproc_per_node N`` every rank trains its share of each batch (DDP);
+    rank 0 writes the run folder."""
     from .train import ResumeError, run
 
-    _setup_logging(quiet)
+    distributed = _init_distributed()
+    _setup_logging(quiet or distributed and int(os.environ.get("RANK", 0)) != 0)
     try:
         experiment, _ = _load(config, set_ or [])
-        summary = run(experiment, out, resume=resume, progress=not quiet, source=str(config.resolve()))
+        summary = run(experiment, out, resume=resume, progress=not quiet and not distributed,
+                      source=str(config.resolve()))
     except ConfigError as e:
         _fail(str(e))
     except ResumeError as e:
@@ -75,15 +81,44 @@ def train(
     except KeyboardInterrupt:
         err_console.print(escape(f"interrupted; continue with: fastsparse train {config} --out {out} --resume"))
         raise typer.Exit(130)
-    table = Table(title=f"{summary['method']}: summary", title_justify="left", show_header=False)
-    rows = (("test_accuracy", f"{summary['test_accuracy']:.4f}"), ("sparsity", f"{summary['sparsity']:.4f}"),
-            ("train_seconds", f"{summary['train_seconds']:.1f}"),
-            ("dense_equivalent_flops", f"{summary['dense_equivalent_flops']:.4g}"),
-            ("sparse_flops", f"{summary['sparse_flops']:.4g} ({summary['flops_fraction']:.3f} × dense)"))
-    for key, value in rows:
-        table.add_row(key, value)
-    out_console.print(table)
-    out_console.print(escape(f"run folder: {summary['run_dir']}"), soft_wrap=True)
+    if not distributed or int(os.environ.get("RANK", 0)) == 0:
+        table = Table(title=f"{summary['method']}: summary", title_justify="left", show_header=False)
+        rows = (("test_accuracy", f"{summary['test_accuracy']:.4f}"), ("sparsity", f"{summary['sparsity']:.4f}"),
+                ("train_seconds", f"{summary['train_seconds']:.1f}"),
+                ("dense_equivalent_flops", f"{summary['dense_equivalent_flops']:.4g}"),
+                ("sparse_flops", f"{summary['sparse_flops']:.4g} ({summary['flops_fraction']:.3f} × dense)"))
+        for key, value in rows:
+            table.add_row(key, value)
+        out_console.print(table)
+        out_console.print(escape(f"run folder: {summary['run_dir']}"), soft_wrap=True)
+    if distributed:
+        _leave_distributed()
+
+
+def _init_distributed() -> bool:
+    """Join the torch.distributed group torchrun describes (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _leave_distributed() -> None:
+    """Leave the group and exit at once: torch's own teardown after ``destroy_process_group``
+    sometimes aborts a worker at exit, which torchrun would report as a failed run."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command()
@@ -232,6 +267,41 @@ def bench_inference(
     except (ValueError, SparseFileError) as e:
         _fail(str(e))
     out_console.print(escape(text), highlight=False)
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="Their command line (quoted), or their YAML file (rare-gems)."),
+    from_: str = typer.Option(..., "--from", help="The source system: suptickets or rare-gems."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the experiment file here (default: print it)."),
+) -> None:
+    """Translate a command line or config of another system into our experiment file; notes (run-environment
+    options, differences in detail) are written as comments at its top."""
+    import yaml
+
+    from .convert import ConversionError, convert_with_notes
+
+    text = source
+    if from_.lower().replace("_", "-") == "rare-gems":
+        path = Path(source)
+        if not path.is_file():
+            _fail(f"{source}: no such file (rare-gems converts a YAML config file)")
+        text = path.read_text()
+    try:
+        config, notes = convert_with_notes(from_, text)
+        parse_config(config)   # what we write must validate
+    except ConversionError as e:
+        _fail(str(e))
+    except ConfigError as e:
+        _fail(f"the converted config does not validate (a converter defect; please report it):\n{e}", 1)
+    head = f"# converted by: fastsparse convert --from {from_}\n" + "".join(
+        f"# note: {line}\n" for note in notes for line in note.splitlines())
+    body = head + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    if out is None:
+        out_console.print(body, highlight=False, markup=False, end="")
+    else:
+        out.write_text(body)
+        err_console.print(escape(f"wrote {out}"))
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -5,6 +5,8 @@
 | ``digits`` | scikit-learn's bundled 8x8 digits (the default; no download) | none |
 | ``mnist`` | MNIST from the four standard IDX files, gzipped or not | ``root`` |
 | ``cifar10`` | CIFAR-10 from the standard python pickle batches | ``root`` |
+| ``cifar100`` | CIFAR-100 from the python pickles ``train`` and ``test`` (fine labels) | ``root`` |
+| ``imagefolder`` | ``root/train/<class>/*`` and ``root/val/<class>/*`` images (ImageNet's layout), read with PIL | ``root`` |
 | ``synthetic`` | a sparse teacher–student task: labels from a random sparse MLP | none |
 
 Each loader returns a :class:`Dataset`: train and test inputs (float32, or uint8 images
@@ -14,6 +16,7 @@ the number of classes. scikit-learn is imported only by ``digits``.
 from __future__ import annotations
 
 import gzip
+import math
 import io
 import os
 import pickle
@@ -21,14 +24,14 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "Dataset", "load_digits_split", "load_dataset", "check_dataset", "dataset_info", "DATASETS",
-    "read_idx", "MNIST_FILES", "CIFAR10_FILES",
+    "read_idx", "MNIST_FILES", "CIFAR10_FILES", "CIFAR100_FILES", "IMAGE_EXTENSIONS",
 ]
 
 
@@ -170,13 +173,14 @@ class _BatchUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
 
 
-def _read_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
+def _read_cifar_batch(path: Path, label_key: str = "labels") -> tuple[Tensor, Tensor]:
     with open(path, "rb") as f:
         d = _BatchUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
     data = d.get(b"data", d.get("data"))
-    labels = d.get(b"labels", d.get("labels"))
+    labels = d.get(label_key.encode(), d.get(label_key))
     if data is None or labels is None:
-        raise ValueError(f"{path} is not a CIFAR-10 batch (no 'data' and 'labels' entries)")
+        what = "CIFAR-10 batch" if label_key == "labels" else "CIFAR-100 file"
+        raise ValueError(f"{path} is not a {what} (no 'data' and '{label_key}' entries)")
     x = torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 3, 32, 32)
     y = torch.as_tensor(list(labels), dtype=torch.int64)
     if len(x) != len(y):
@@ -184,19 +188,25 @@ def _read_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def _cifar_folder(root: str | os.PathLike) -> Path:
+def _find_files(root: str | os.PathLike, what: str, sub: str, files: Sequence[str]) -> Path:
+    """The folder, ``root`` or ``root/sub``, that holds all of ``files``; else an error saying
+    what is missing and where it was looked for."""
     root = Path(root).expanduser()
-    for folder in (root, root / "cifar-10-batches-py"):
-        if all((folder / f).is_file() for f in CIFAR10_FILES):
+    for folder in (root, root / sub):
+        if all((folder / f).is_file() for f in files):
             return folder
+    listed = ", ".join(files)
     if not root.is_dir():
-        raise FileNotFoundError(f"CIFAR-10: the folder {root} does not exist. Put the python version's batch "
-                                f"files ({', '.join(CIFAR10_FILES)}) in it or in {root / 'cifar-10-batches-py'}, "
-                                f"or set data.root to the folder that holds them")
-    folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
-    missing = [f for f in CIFAR10_FILES if not (folder / f).is_file()]
-    raise FileNotFoundError(f"CIFAR-10: {folder} lacks {missing}; expected the python batch files "
-                            f"{', '.join(CIFAR10_FILES)}")
+        raise FileNotFoundError(f"{what}: the folder {root} does not exist. Put the python version's files "
+                                f"({listed}) in it or in {root / sub}, or set data.root to the folder that "
+                                f"holds them")
+    folder = root / sub if (root / sub).is_dir() else root
+    missing = [f for f in files if not (folder / f).is_file()]
+    raise FileNotFoundError(f"{what}: {folder} lacks {missing}; expected the python files {listed}")
+
+
+def _cifar_folder(root: str | os.PathLike) -> Path:
+    return _find_files(root, "CIFAR-10", "cifar-10-batches-py", CIFAR10_FILES)
 
 
 def _cifar10(root: str = "data/cifar10", train_size: int | None = None, split_seed: int = 0) -> Dataset:
@@ -206,6 +216,97 @@ def _cifar10(root: str = "data/cifar10", train_size: int | None = None, split_se
     x_te, y_te = _read_cifar_batch(folder / "test_batch")
     ds = Dataset("cifar10", torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), x_te, y_te, 10,
                  (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    return _subsample(ds, train_size, split_seed)
+
+
+# --- CIFAR-100: python pickles ``train`` and ``test`` ---------------------------------------------
+CIFAR100_FILES = ["train", "test"]
+
+
+def _cifar100_folder(root: str | os.PathLike) -> Path:
+    return _find_files(root, "CIFAR-100", "cifar-100-python", CIFAR100_FILES)
+
+
+def _cifar100(root: str = "data/cifar100", train_size: int | None = None, split_seed: int = 0) -> Dataset:
+    """CIFAR-100: 50000 train and 10000 test 3x32x32 uint8 images, the 100 fine labels,
+    normalised per channel."""
+    folder = _cifar100_folder(root)
+    x_tr, y_tr = _read_cifar_batch(folder / "train", "fine_labels")
+    x_te, y_te = _read_cifar_batch(folder / "test", "fine_labels")
+    ds = Dataset("cifar100", x_tr, y_tr, x_te, y_te, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    return _subsample(ds, train_size, split_seed)
+
+
+# --- image folders (ImageNet's layout) -----------------------------------------------------------
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+
+def _image_classes(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir())
+
+
+def _imagefolder_split(root: str | os.PathLike, train_dir: str, test_dir: str) -> tuple[Path, Path, list[str]]:
+    root = Path(root).expanduser()
+    train, test = root / train_dir, root / test_dir
+    for folder in (train, test):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"imagefolder: {folder} does not exist; expected {root}/{train_dir}/<class>/<image> "
+                                    f"and {root}/{test_dir}/<class>/<image> (ImageNet's layout), or set data.root")
+    classes = _image_classes(train)
+    if not classes:
+        raise FileNotFoundError(f"imagefolder: {train} has no class folders")
+    unknown = sorted(set(_image_classes(test)) - set(classes))
+    if unknown:
+        raise ValueError(f"imagefolder: {test} has classes that {train} lacks: {unknown[:5]}")
+    return train, test, classes
+
+
+def _read_images(folder: Path, classes: list[str], image_size: int) -> tuple[Tensor, Tensor]:
+    """Every image under folder/<class>/ (sorted), resized so its shorter side is ``image_size``,
+    centre-cropped to image_size², RGB, as uint8 (N, 3, S, S), with the class indices."""
+    try:
+        from PIL import Image
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the imagefolder data set reads images with Pillow: pip install pillow") from e
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        if not (folder / name).is_dir():
+            continue
+        for path in sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                w, h = img.size
+                scale = image_size / min(w, h)
+                img = img.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))),
+                                 Image.BILINEAR)
+                left, top = (img.size[0] - image_size) // 2, (img.size[1] - image_size) // 2
+                img = img.crop((left, top, left + image_size, top + image_size))
+                data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+            images.append(data.view(image_size, image_size, 3).permute(2, 0, 1))
+            labels.append(label)
+    if not images:
+        raise FileNotFoundError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def _imagefolder(root: str = "data/imagenet", image_size: int = 224, train_dir: str = "train", test_dir: str = "val",
+                 train_size: int | None = None, split_seed: int = 0) -> Dataset:
+    """Images in class folders (``root/train/<class>/*.JPEG``, ``root/val/<class>/*.JPEG``: the
+    layout of ImageNet and of torchvision's ImageFolder), normalised with ImageNet's mean and std.
+
+    Every image is decoded once, resized (shorter side ``image_size``) and centre-cropped to
+    image_size × image_size; there is no random-crop or flip augmentation. Everything is held in
+    memory as uint8: N · 3 · image_size² bytes, so ImageNet's 1.28M training images take about
+    193 GB at 224 and 15.7 GB at 64. For ImageNet itself use ``train_size`` (a seeded subset; all
+    images are still decoded) or a small ``image_size``, or a streaming loader of your own;
+    this reader is for folders that fit in memory.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    train, test, classes = _imagefolder_split(root, train_dir, test_dir)
+    x_tr, y_tr = _read_images(train, classes, image_size)
+    x_te, y_te = _read_images(test, classes, image_size)
+    ds = Dataset("imagefolder", x_tr, y_tr, x_te, y_te, len(classes), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     return _subsample(ds, train_size, split_seed)
 
 
@@ -220,26 +321,44 @@ def _subsample(ds: Dataset, train_size: int | None, seed: int) -> Dataset:
 
 # --- synthetic teacher-student ---------------------------------------------------------------------
 def _synthetic(features: int = 32, classes: int = 4, hidden: int = 64, teacher_density: float = 0.1,
-               n_train: int = 2000, n_test: int = 1000, split_seed: int = 0) -> Dataset:
+               n_train: int = 2000, n_test: int = 1000, split_seed: int = 0,
+               shape: Sequence[int] | None = None) -> Dataset:
     """Gaussian inputs labelled by the argmax of a random sparse teacher MLP
     (features → hidden → classes, a fraction ``teacher_density`` of its weights non-zero, each
     class's logit standardised over the samples so the classes are balanced): a task a sparse
-    student can solve exactly."""
+    student can solve exactly.
+
+    ``shape`` (e.g. ``[3, 32, 32]``): inputs of that shape instead (``features`` is then their
+    size), to smoke-test an image model and config on data of the right shape."""
     if not 0 < teacher_density <= 1:
         raise ValueError(f"teacher_density must be in (0, 1], got {teacher_density}")
+    if shape is not None:
+        shape = _check_shape(shape)
+        features = math.prod(shape)
     g = torch.Generator().manual_seed(split_seed)
     w1 = torch.randn(features, hidden, generator=g) * (torch.rand(features, hidden, generator=g) < teacher_density)
     w2 = torch.randn(hidden, classes, generator=g) * (torch.rand(hidden, classes, generator=g) < teacher_density)
     x = torch.randn(n_train + n_test, features, generator=g)
     logits = torch.relu(x @ w1) @ w2
     y = ((logits - logits.mean(0)) / (logits.std(0) + 1e-6)).argmax(1)  # standardised: balanced classes
+    if shape is not None:
+        x = x.view(-1, *shape)
     return Dataset("synthetic", x[:n_train], y[:n_train], x[n_train:], y[n_train:], classes)
 
 
+def _check_shape(shape: Any) -> tuple[int, ...]:
+    if (not isinstance(shape, (list, tuple)) or not shape
+            or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape)):
+        raise ValueError(f"shape must be a list of positive integers such as [3, 32, 32], got {shape!r}")
+    return tuple(int(d) for d in shape)
+
+
 DATASETS: dict[str, Callable[..., Dataset]] = {
-    "digits": _digits, "mnist": _mnist, "cifar10": _cifar10, "synthetic": _synthetic,
+    "digits": _digits, "mnist": _mnist, "cifar10": _cifar10, "cifar100": _cifar100, "imagefolder": _imagefolder,
+    "synthetic": _synthetic,
 }
-_SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10)}
+_SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10),
+           "cifar100": ((3, 32, 32), 100)}
 
 
 def load_dataset(name: str, **kwargs) -> Dataset:
@@ -255,14 +374,26 @@ def check_dataset(name: str, **kwargs) -> None:
         _mnist_folder(kwargs.get("root", "data/mnist"))
     elif name == "cifar10":
         _cifar_folder(kwargs.get("root", "data/cifar10"))
+    elif name == "cifar100":
+        _cifar100_folder(kwargs.get("root", "data/cifar100"))
+    elif name == "imagefolder":
+        _imagefolder_split(kwargs.get("root", "data/imagenet"), kwargs.get("train_dir", "train"),
+                           kwargs.get("test_dir", "val"))
 
 
 def dataset_info(name: str, **kwargs) -> tuple[tuple[int, ...], int]:
     """(input_shape, num_classes) of a data set without loading it."""
     if name == "synthetic":
+        if kwargs.get("shape") is not None:
+            return _check_shape(kwargs["shape"]), int(kwargs.get("classes", 4))
         return (int(kwargs.get("features", 32)),), int(kwargs.get("classes", 4))
     if name == "digits" and kwargs.get("flat"):
         return (64,), 10
+    if name == "imagefolder":
+        size = int(kwargs.get("image_size", 224))
+        train, _, classes = _imagefolder_split(kwargs.get("root", "data/imagenet"), kwargs.get("train_dir", "train"),
+                                               kwargs.get("test_dir", "val"))
+        return (3, size, size), len(classes)
     shape, classes = _SHAPES[name]
     return shape, classes
 

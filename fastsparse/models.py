@@ -11,6 +11,8 @@ names a builder and gives those keywords (``{name: mlp, sizes: [64, 300, 100, 10
 | ``lenet5`` | LeNet-5: two 5x5 convolutions, three fully connected layers |
 | ``cnn`` | :class:`SmallCNN`, two 3x3 convolutions for 8x8 inputs (digits) |
 | ``resnet20`` / ``resnet32`` / ``resnet56`` | CIFAR ResNets (He et al. 2016), 1x1-conv shortcuts |
+| ``resnet18`` | :class:`ResNet18`, the ImageNet ResNet-18 (``width`` 64) |
+| ``resnet50`` | :class:`ResNet50`, bottleneck ResNet-50 with a CIFAR (3x3) or ImageNet (7x7 + pool) stem |
 | ``wrn22_2`` / ``wrn28_2`` | Wide ResNets (Zagoruyko & Komodakis 2016), pre-activation |
 | ``transformer`` | :class:`TransformerEncoder`: patches as tokens, separate q/k/v projections |
 """
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "MLP", "SmallCNN", "LeNet5", "ResNet", "WideResNet", "TransformerEncoder", "Attention",
+    "MLP", "SmallCNN", "LeNet5", "ResNet", "ResNet18", "ResNet50", "WideResNet", "TransformerEncoder", "Attention",
     "MODELS", "create_model", "list_models",
 ]
 
@@ -312,6 +314,121 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": _resnet(20), "resnet32": _resnet(32), "resnet56": _resnet(56),
     "wrn22_2": _wrn(22, 2), "wrn28_2": _wrn(28, 2), "transformer": _transformer,
 }
+
+
+class ResNet18(nn.Module):
+    """ImageNet ResNet-18 (He et al. 2016; torchvision's layout): 7x7 stride-2 conv, max-pool,
+    four stages of two basic blocks at ``width`` · (1, 2, 4, 8) channels, global average pool.
+    The fasterai lottery-ticket blog trains it on Imagenette."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1000, width: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        blocks, cin = [], width
+        for stage in range(4):
+            cout = width * 2 ** stage
+            for i in range(2):
+                blocks.append(_BasicBlock(cin, cout, 2 if stage > 0 and i == 0 else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(self.blocks(x).mean((2, 3)))
+
+
+def _resnet18(input_shape, num_classes, width: int = 64) -> nn.Module:
+    """ImageNet ResNet-18 (``width`` 64 is the original)."""
+    return ResNet18(_image(input_shape, "resnet18")[0], num_classes, width)
+
+
+MODELS["resnet18"] = _resnet18
+
+
+class _Bottleneck(nn.Module):
+    """1x1 (reduce to ``mid``) → 3x3 (``stride``) → 1x1 (expand to 4 · mid), each with BN; a 1x1
+    conv + BN shortcut where the shape changes."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, mid: int, stride: int):
+        super().__init__()
+        cout = self.expansion * mid
+        self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        return torch.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+RESNET50_STEMS = ("cifar", "imagenet")
+CONV_INITS = ("default", "fan_in", "fan_out")
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 (He et al. 2016): four stages of 3, 4, 6, 3 bottleneck blocks at ``width`` ·
+    (1, 2, 4, 8) channels (outputs 4× that), global average pool, one linear layer.
+
+    stem: ``"imagenet"``, the 7x7 stride-2 convolution and 3x3 stride-2 max-pool (for 224x224
+    inputs), or ``"cifar"``, one 3x3 stride-1 convolution and no pooling (for 32x32 inputs; the
+    ResNet50 of the GraNet/Sup-tickets CIFAR code).
+    conv_init: ``"default"`` (PyTorch's), or Kaiming-normal with ``"fan_in"`` or ``"fan_out"``
+    (std = sqrt(2 / fan)); NVIDIA's ImageNet ResNet-50 calls these ``-c fanin`` and ``classic``.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1000, width: int = 64, stem: str = "imagenet",
+                 conv_init: str = "default"):
+        super().__init__()
+        if stem not in RESNET50_STEMS:
+            raise ValueError(f"unknown stem {stem!r}; valid: {list(RESNET50_STEMS)}")
+        if conv_init not in CONV_INITS:
+            raise ValueError(f"unknown conv_init {conv_init!r}; valid: {list(CONV_INITS)}")
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(3, 2, 1)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(width)
+        blocks, cin = [], width
+        for stage, n in enumerate((3, 4, 6, 3)):
+            mid = width * 2 ** stage
+            for i in range(n):
+                blocks.append(_Bottleneck(cin, mid, 2 if stage > 0 and i == 0 else 1))
+                cin = mid * _Bottleneck.expansion
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+        if conv_init != "default":
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode=conv_init, nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(self.blocks(x).mean((2, 3)))
+
+
+def _resnet50(input_shape, num_classes, width: int = 64, stem: str = "auto", conv_init: str = "default") -> nn.Module:
+    """ResNet-50; ``stem`` ``"auto"`` picks ``"cifar"`` for inputs up to 64x64, else ``"imagenet"``."""
+    c, size = _image(input_shape, "resnet50")
+    if stem == "auto":
+        stem = "cifar" if size <= 64 else "imagenet"
+    return ResNet50(c, num_classes, width, stem, conv_init)
+
+
+MODELS["resnet50"] = _resnet50
 
 
 def list_models() -> list[str]:

@@ -15,6 +15,10 @@ before ``start`` the value is 0, from ``end`` on it is f(1):
 | ``dsd`` | (1 − cos(2π x)) / 2: dense, sparse at x = ½, dense again |
 
 Default starts follow fasterai: ``one_shot`` 0.5, ``iterative`` and ``agp`` 0.2, others 0.
+fasterai's function names (``sched_oneshot``, ``sched_iterative``, ``sched_agp``,
+``sched_onecycle``, ``sched_cos``, ``sched_lin``, ``sched_dsd``) and ``one_cycle``'s are
+accepted as names. ``start_val``/``end_val`` (fasterai's ``Schedule``) rescale the value:
+start_val + (end_val − start_val) · f(x), and start_val before ``start``.
 For example ``agp`` with start 0.2 at p = 0.5: x = 0.375, 1 − 0.625³ ≈ 0.756.
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Callable, Union
 
 __all__ = [
     "one_shot", "iterative", "agp", "lin", "cos", "one_cycle", "dsd",
-    "PROGRESS_SCHEDULES", "DEFAULT_STARTS", "ProgressSchedule", "as_progress_schedule",
+    "PROGRESS_SCHEDULES", "DEFAULT_STARTS", "SCHEDULE_ALIASES", "ProgressSchedule", "as_progress_schedule",
 ]
 
 
@@ -62,6 +66,8 @@ PROGRESS_SCHEDULES: dict[str, Callable[[float], float]] = {
     "one_cycle": one_cycle, "dsd": dsd,
 }
 DEFAULT_STARTS = {"one_shot": 0.5, "iterative": 0.2, "agp": 0.2}
+SCHEDULE_ALIASES = {"sched_oneshot": "one_shot", "sched_iterative": "iterative", "sched_agp": "agp",
+                    "sched_onecycle": "one_cycle", "sched_cos": "cos", "sched_lin": "lin", "sched_dsd": "dsd"}
 
 
 @dataclass(frozen=True)
@@ -76,10 +82,17 @@ class ProgressSchedule:
     start: float | None = None
     end: float = 1.0
     n_steps: int = 3
+    start_val: float = 0.0
+    end_val: float = 1.0
 
     def __post_init__(self):
+        object.__setattr__(self, "kind", SCHEDULE_ALIASES.get(self.kind, self.kind))
         if self.kind not in PROGRESS_SCHEDULES:
-            raise ValueError(f"unknown schedule {self.kind!r}; valid names: {list(PROGRESS_SCHEDULES)}")
+            raise ValueError(f"unknown schedule {self.kind!r}; valid names: {list(PROGRESS_SCHEDULES)} "
+                             f"(or fasterai's {list(SCHEDULE_ALIASES)})")
+        for what, v in (("start_val", self.start_val), ("end_val", self.end_val)):
+            if not 0.0 <= float(v) <= 1.0:
+                raise ValueError(f"{what} is a fraction of the final sparsity in [0, 1], got {v}")
         start = DEFAULT_STARTS.get(self.kind, 0.0) if self.start is None else float(self.start)
         object.__setattr__(self, "start", start)
         if not (0.0 <= start <= 1.0 and 0.0 <= float(self.end) <= 1.0):
@@ -99,12 +112,12 @@ class ProgressSchedule:
         return (p - a) / (b - a)
 
     def __call__(self, progress: float) -> float:
+        a, b = float(self.start_val), float(self.end_val)
         if float(progress) < float(self.start):
-            return 0.0
+            return a
         x = self.position(progress)
-        if self.kind == "iterative":
-            return iterative(x, self.n_steps)
-        return PROGRESS_SCHEDULES[self.kind](x)
+        f = iterative(x, self.n_steps) if self.kind == "iterative" else PROGRESS_SCHEDULES[self.kind](x)
+        return a + (b - a) * f
 
 
 ScheduleLike = Union[str, ProgressSchedule, Callable[[float], float]]

@@ -6,7 +6,9 @@ element), ``row`` (an output neuron, reduced over ``in``), ``column`` (an input 
 reduced over ``out``). For a Conv weight (out, in, *kernel): ``weight``, ``kernel`` (all
 kernel positions of one (out, in) pair), ``filter`` (a whole output filter: in and kernel),
 ``channel`` (the fibre along the input channels at one (out, kernel position)), and for
-2-D kernels ``row`` (one kernel row) and ``column`` (one kernel column). A ConvTranspose
+2-D kernels ``row`` (one kernel row) and ``column`` (one kernel column), plus fasterai's
+``shared_*`` and ``*_slice`` groups (see ``_FASTERAI_CONV2D``); ``layer`` is the whole
+weight, for every layer type. A ConvTranspose
 weight is (in, out, *kernel), so its ``filter`` spans dims (0, 2, ...) and ``channel`` dim 0.
 
 Selection (:func:`select_masks`) keeps exact numbers of groups: per layer (``local``)
@@ -54,7 +56,7 @@ def valid_granularities(module: nn.Module | None, shape: Sequence[int]) -> dict[
     """Granularity name -> the weight dimensions one group spans, for this layer type."""
     kind, nd = _kind(module, shape), len(shape)
     if kind == "linear":
-        return {"weight": (), "row": (1,), "column": (0,)}
+        return {"weight": (), "row": (1,), "column": (0,), "layer": (0, 1)}
     out_dim, in_dim = (1, 0) if kind == "conv_transpose" else (0, 1)
     kernel = tuple(range(2, nd))
     found = {
@@ -66,7 +68,20 @@ def valid_granularities(module: nn.Module | None, shape: Sequence[int]) -> dict[
     if nd == 4:
         found["row"] = (3,)
         found["column"] = (2,)
+        if kind == "conv":
+            found.update(_FASTERAI_CONV2D)
+    found["layer"] = tuple(range(nd))
     return found
+
+
+# fasterai's further Conv2d granularities (weight (out, in, kh, kw)): "shared" ones span the
+# output filters too (one score shared by every filter); slices span in-channels and one
+# kernel axis; ``layer`` (any layer type) is the whole weight as one group.
+_FASTERAI_CONV2D = {
+    "shared_weight": (0,), "shared_channel": (0, 1), "shared_column": (0, 2), "shared_row": (0, 3),
+    "vertical_slice": (1, 2), "horizontal_slice": (1, 3), "shared_vertical_slice": (0, 1, 2),
+    "shared_horizontal_slice": (0, 1, 3), "shared_kernel": (0, 2, 3),
+}
 
 
 def granularity_dims(module: nn.Module | None, shape: Sequence[int], granularity: str) -> tuple[int, ...]:

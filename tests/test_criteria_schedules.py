@@ -34,7 +34,9 @@ def test_random_criterion_is_seeded():
     b = criterion_scores("random", W, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and a.shape == W.shape and ((a >= 0) & (a < 1)).all()
     assert set(CRITERIA) == {"large_final", "small_final", "large_init", "small_init", "large_init_large_final",
-                             "small_init_small_final", "magnitude_increase", "movement", "random"}
+                             "small_init_small_final", "magnitude_increase", "movement", "random",
+                             "squared_final", "movmag", "grad_crit", "updating_magnitude_increase",
+                             "updating_movement", "updating_movmag"}
 
 
 def test_criteria_errors():

@@ -166,3 +166,78 @@ def test_float_inputs_pass_through_unchanged():
     ds = Dataset("x", torch.rand(3, 4), torch.zeros(3, dtype=torch.long), torch.rand(2, 4),
                  torch.zeros(2, dtype=torch.long), 2)
     assert ds.inputs(ds.x_train) is ds.x_train
+
+
+def write_cifar100(folder, n_train=6, n_test=3, seed=0):
+    """The python version's two pickles: ``data`` (N, 3072) uint8, ``fine_labels`` 0..99, ``coarse_labels`` 0..19."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, n in (("train", n_train), ("test", n_test)):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        fine = rng.integers(0, 100, n).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"filenames": [b"x.png"] * n, b"batch_label": name.encode(), b"fine_labels": fine,
+                         b"coarse_labels": [x // 5 for x in fine], b"data": data}, f, protocol=2)
+        out[name] = (data, fine)
+    return out
+
+
+def test_cifar100_reads_the_python_pickles_with_fine_labels(tmp_path):
+    # what Sup-tickets' --data cifar100 reads: cifar-100-python/{train,test}
+    files = write_cifar100(tmp_path / "cifar-100-python")
+    ds = load_dataset("cifar100", root=str(tmp_path))
+    assert ds.input_shape == (3, 32, 32) and ds.num_classes == 100
+    assert len(ds.x_train) == 6 and len(ds.x_test) == 3
+    data, fine = files["train"]
+    assert torch.equal(ds.x_train[1, 1], torch.from_numpy(data[1, 1024:2048].reshape(32, 32)))
+    assert ds.y_train.tolist() == fine and ds.y_test.tolist() == files["test"][1]
+    assert dataset_info("cifar100") == ((3, 32, 32), 100)
+    assert len(load_dataset("cifar100", root=str(tmp_path), train_size=4).x_train) == 4
+
+
+def test_cifar100_missing_files_are_named(tmp_path):
+    write_cifar100(tmp_path)
+    (tmp_path / "test").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks \['test'\]"):
+        check_dataset("cifar100", root=str(tmp_path))
+    with open(tmp_path / "test", "wb") as f:
+        pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}, f)
+    with pytest.raises(ValueError, match="not a CIFAR-100 file .*'fine_labels'"):
+        load_dataset("cifar100", root=str(tmp_path))
+
+
+def write_image_folder(root, sizes=((40, 30), (20, 50)), classes=("n01", "n02")):
+    """root/{train,val}/<class>/<i>.png: solid-colour RGB images of the given (width, height)."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, size in enumerate(sizes):
+                Image.new("RGB", size, (10 * c + i, 100, 200)).save(folder / f"{i}.png")
+
+
+def test_imagefolder_reads_class_folders_resized_and_centre_cropped(tmp_path):
+    write_image_folder(tmp_path)
+    ds = load_dataset("imagefolder", root=str(tmp_path), image_size=16)
+    assert ds.input_shape == (3, 16, 16) and ds.num_classes == 2 and ds.x_train.dtype == torch.uint8
+    assert len(ds.x_train) == 4 and len(ds.x_test) == 4
+    # sorted classes -> labels; the colour of each file survives the resize and crop
+    assert ds.y_train.tolist() == [0, 0, 1, 1]
+    assert ds.x_train[:, 0, 8, 8].tolist() == [0, 1, 10, 11] and ds.x_train[3, 2].unique().tolist() == [200]
+    x = ds.inputs(ds.x_train)
+    assert x[0, 2, 0, 0].item() == pytest.approx((200 / 255 - 0.406) / 0.225, abs=1e-5)
+    assert dataset_info("imagefolder", root=str(tmp_path), image_size=16) == ((3, 16, 16), 2)
+
+
+def test_imagefolder_errors_say_what_layout_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"expected .*/train/<class>/<image>"):
+        check_dataset("imagefolder", root=str(tmp_path))
+    write_image_folder(tmp_path)
+    (tmp_path / "val" / "n99").mkdir()
+    with pytest.raises(ValueError, match=r"classes that .* lacks: \['n99'\]"):
+        load_dataset("imagefolder", root=str(tmp_path), image_size=8)
+    with pytest.raises(ValueError, match="image_size must be a positive integer"):
+        load_dataset("imagefolder", root=str(tmp_path), image_size=0)

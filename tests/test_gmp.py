@@ -128,7 +128,7 @@ def test_gmp_bad_input(kwargs, match):
 
 def test_gmp_bad_granularity_fails_before_any_change():
     model = mlp()
-    with pytest.raises(ValueError, match=r"'filter' does not exist for Linear; valid: \['weight', 'row', 'column'\]"):
+    with pytest.raises(ValueError, match=r"'filter' does not exist for Linear; valid: \['weight', 'row', 'column', 'layer'\]"):
         sparse.Sparsifier(model, None, sparse.GMP(0.9, granularity="filter"), total_steps=10)
     assert not sparse.sparse_params(model)
 

@@ -11,7 +11,8 @@ from fastsparse.models import MLP, MODELS, ResNet, SmallCNN, TransformerEncoder,
 
 INPUTS = {"mlp": (1, 8, 8), "lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "cnn": (1, 8, 8),
           "resnet20": (3, 32, 32), "resnet32": (3, 32, 32), "resnet56": (3, 32, 32), "wrn22_2": (3, 32, 32),
-          "wrn28_2": (3, 32, 32), "transformer": (1, 8, 8)}
+          "wrn28_2": (3, 32, 32), "transformer": (1, 8, 8), "resnet50": (3, 32, 32),
+          "resnet18": (3, 32, 32)}
 KWARGS = {"mlp": {"sizes": [64, 32, 10]}}
 
 
@@ -116,3 +117,28 @@ def test_the_flops_rule_comes_from_the_grow_score():
     assert training_rule([sparse.create("set")]) == "sparse"
     assert training_rule([sparse.create("snfs")]) == "dense_gradient_every_step"
     assert training_rule([sparse.create("rigl")]) == "dense_gradient_at_updates"
+
+
+def test_resnet50_stems_shapes_and_fan_in_init():
+    from fastsparse.models import ResNet50
+
+    cifar = create_model("resnet50", (3, 32, 32), 100)
+    imagenet = create_model("resnet50", (3, 96, 96), 1000)
+    assert cifar.conv1.kernel_size == (3, 3) and isinstance(cifar.maxpool, nn.Identity)
+    assert imagenet.conv1.kernel_size == (7, 7) and isinstance(imagenet.maxpool, nn.MaxPool2d)
+    # 3 + 4 + 6 + 3 bottlenecks; 2048 features into the classifier; 23.5M weights + the fc
+    assert len(cifar.blocks) == 16 and cifar.fc.in_features == 2048
+    n = sum(p.numel() for p in ResNet50(num_classes=1000).parameters())
+    assert n == 25_557_032                               # torchvision's resnet50 count
+    # an explicit stem keeps the ImageNet layout on small test images
+    small = create_model("resnet50", (3, 32, 32), 10, stem="imagenet", width=8)
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    # -c fanin: Kaiming normal with fan_in, std = sqrt(2 / (c_in · k · k))
+    torch.manual_seed(0)
+    fanin = ResNet50(num_classes=10, width=16, conv_init="fan_in")
+    w = fanin.blocks[15].conv2.weight                      # 128 × 128 × 3 × 3
+    assert w.std().item() == pytest.approx((2 / (128 * 9)) ** 0.5, rel=0.05)
+    with pytest.raises(ValueError, match=r"unknown stem 'tiny'; valid: \['cifar', 'imagenet'\]"):
+        create_model("resnet50", (3, 32, 32), 10, stem="tiny")
+    with pytest.raises(ValueError, match="unknown conv_init 'fanin'"):
+        ResNet50(conv_init="fanin")

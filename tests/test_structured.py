@@ -35,7 +35,7 @@ def test_granularity_dims_by_layer_type():
 
 
 def test_unknown_granularity_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"'filter' does not exist for Linear; valid: \['weight', 'row', 'column'\]"):
+    with pytest.raises(ValueError, match=r"'filter' does not exist for Linear; valid: \['weight', 'row', 'column', 'layer'\]"):
         granularity_dims(nn.Linear(3, 2), (2, 3), "filter")
     with pytest.raises(ValueError, match="kernel"):
         granularity_dims(nn.Conv2d(1, 2, 3), (2, 1, 3, 3), "neuron")

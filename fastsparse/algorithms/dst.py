@@ -5,6 +5,11 @@ active weights with the lowest keep score; grow k weights with the highest grow 
 among the positions not kept (a weight dropped this update may grow straight back, and
 then keeps its value and optimizer state). SET, SNFS and RigL differ only in the grow
 score (random, momentum, gradient) and SNFS in moving growth between layers.
+
+Two other drop rules of sparse_learning/GraNet (``--prune``) are offered: ``set`` (SET's own
+removal, :func:`set_drop`) and ``threshold`` (:func:`threshold_drop`); and three ways to move
+growth between layers (``--redistribution``): ``momentum``, ``magnitude``, ``nonzeros``
+(:func:`layer_scores`, :func:`redistribute`).
 """
 from __future__ import annotations
 
@@ -19,18 +24,71 @@ from ..schedules import Clock, Cosine, Schedule, UpdateSchedule, as_schedule
 from ..scores import accepts_generator, resolve_score
 from .base import SparsityAlgorithm, generator_for, register
 
-__all__ = ["drop_and_grow", "redistribute", "DST", "SET", "SNFS", "RigL", "REDISTRIBUTIONS"]
+__all__ = ["drop_and_grow", "grow_into", "set_drop", "threshold_drop", "layer_scores", "redistribute", "DST", "SET",
+           "SNFS", "RigL", "REDISTRIBUTIONS", "DROP_RULES"]
 
-REDISTRIBUTIONS = ("none", "momentum")
+REDISTRIBUTIONS = ("none", "momentum", "magnitude", "nonzeros")
+DROP_RULES = ("keep_score", "set", "threshold")
 
 
 def drop_and_grow(mask: Tensor, keep_score: Tensor, grow_score: Tensor, n_drop: int, n_grow: int) -> Tensor:
     """The new mask: keep the n_active − n_drop active weights with the largest keep score,
     then add the n_grow positions with the largest grow score among those not kept."""
     n_active = int(mask.count_nonzero())
-    kept = _topk_among(keep_score, mask, n_active - n_drop)
-    grown = _topk_among(grow_score, ~kept, n_grow)
-    return kept | grown
+    return grow_into(_topk_among(keep_score, mask, n_active - n_drop), grow_score, n_grow)
+
+
+def grow_into(kept: Tensor, grow_score: Tensor, n_grow: int) -> Tensor:
+    """``kept`` plus the n_grow positions with the largest grow score among those not kept."""
+    return kept | _topk_among(grow_score, ~kept, n_grow)
+
+
+def set_drop(weights: Tensor, mask: Tensor, n_drop: int) -> Tensor:
+    """SET's removal (Mocanu et al. 2018): the kept mask after dropping, among the active
+    weights, the ⌈n/2⌉ smallest positive weights and the ⌊n/2⌋ negative weights closest to zero
+    (an active weight of exactly 0 counts as positive). When one sign has too few active
+    weights, the other gives the rest, so exactly n_drop are dropped.
+
+    (sparse_learning's ``SET`` mode keeps the negative weights *below* its threshold, which
+    drops the most negative ones instead; this is the paper's rule.)
+    """
+    pos, neg = mask & (weights >= 0), mask & (weights < 0)
+    n_pos_active, n_neg_active = int(pos.count_nonzero()), int(neg.count_nonzero())
+    if n_drop > n_pos_active + n_neg_active:
+        raise ValueError(f"cannot drop {n_drop} of {n_pos_active + n_neg_active} active weights")
+    from_pos = min(math.ceil(n_drop / 2), n_pos_active)
+    from_neg = min(n_drop - from_pos, n_neg_active)
+    from_pos = n_drop - from_neg
+    kept_pos = _topk_among(weights, pos, n_pos_active - from_pos)      # the largest positives stay
+    kept_neg = _topk_among(-weights, neg, n_neg_active - from_neg)     # the most negative stay
+    return kept_pos | kept_neg
+
+
+def threshold_drop(weights: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    """The kept mask after dropping every active weight with |w| ≤ threshold (sparse_learning's
+    ``threshold`` mode: the number dropped follows the weights, not a fraction)."""
+    return mask & (weights.abs() > threshold)
+
+
+def layer_scores(rule: str, weights: Sequence[Tensor], masks: Sequence[Tensor], momenta: Sequence[Tensor] | None,
+                 threshold: float = 0.001) -> list[float]:
+    """The share s_l of each layer in redistribution (sparse_learning's definitions), over the
+    active weights A_l before the drop: ``momentum`` s_l = mean_{A_l} |m|; ``magnitude``
+    s_l = mean_{A_l} |w|; ``nonzeros`` s_l = #{i ∈ A_l : |w_i| > threshold}. A layer without
+    active weights scores 0."""
+    out = []
+    for i, (w, m) in enumerate(zip(weights, masks)):
+        if not bool(m.any()):
+            out.append(0.0)
+        elif rule == "momentum":
+            out.append(float(momenta[i][m].abs().mean()))
+        elif rule == "magnitude":
+            out.append(float(w[m].abs().mean()))
+        elif rule == "nonzeros":
+            out.append(float((w[m].abs() > threshold).sum()))
+        else:
+            raise ValueError(f"unknown redistribution {rule!r}; valid: {list(REDISTRIBUTIONS[1:])}")
+    return out
 
 
 def _topk_among(scores: Tensor, allowed: Tensor, k: int) -> Tensor:
@@ -126,7 +184,12 @@ class DST(SparsityAlgorithm):
     update: when masks change (default every 100 steps until 75% of training).
     keep_score / grow_score: a name (``magnitude``, ``random``, ``gradient``, ``momentum``) or
       a function ``f(param, opt) -> tensor``.
-    redistribution: ``"none"`` (each layer regrows what it dropped) or ``"momentum"`` (SNFS).
+    redistribution: ``"none"`` (each layer regrows what it dropped), or the total dropped shared
+      by :func:`redistribute` in proportion to :func:`layer_scores`: ``"momentum"`` (SNFS),
+      ``"magnitude"`` or ``"nonzeros"``.
+    drop_rule: ``"keep_score"`` (drop the floor(f · n_active) lowest keep scores), ``"set"``
+      (:func:`set_drop`, the same count split between positive and negative weights) or
+      ``"threshold"`` (:func:`threshold_drop` with ``drop_threshold``; the drop fraction is unused).
     balance_out_groups / balance_in_groups: split each parameter's output rows (dim 0) or
       input columns (dim 1) into G equal groups, e.g. the heads of an attention projection;
       every group starts with round((1 − s) · n / G) active weights and drops and grows
@@ -148,8 +211,14 @@ class DST(SparsityAlgorithm):
         redistribution: str | None = None,
         balance_out_groups: int | None = None,
         balance_in_groups: int | None = None,
+        drop_rule: str = "keep_score",
+        drop_threshold: float = 0.001,
         **kwargs,
     ):
+        if str(drop_rule).lower() not in DROP_RULES:
+            raise ValueError(f"unknown drop_rule {drop_rule!r}; valid: {list(DROP_RULES)}")
+        if isinstance(drop_threshold, bool) or not isinstance(drop_threshold, (int, float)) or drop_threshold < 0:
+            raise ValueError(f"drop_threshold must be a number ≥ 0, got {drop_threshold!r}")
         update = update if update is not None else UpdateSchedule(freq=100, stop=0.75)
         super().__init__(sparsity, distribution, update=update, **kwargs)
         if isinstance(drop_fraction, Schedule):
@@ -165,8 +234,11 @@ class DST(SparsityAlgorithm):
         self.redistribution = (redistribution or self.default_redistribution).lower()
         if self.redistribution not in REDISTRIBUTIONS:
             raise ValueError(f"unknown redistribution {redistribution!r}; valid: {list(REDISTRIBUTIONS)}")
+        self.drop_rule, self.drop_threshold = str(drop_rule).lower(), float(drop_threshold)
         self.balance_out_groups, self.balance_in_groups = balance_out_groups, balance_in_groups
         self._balance = _balance_spec(balance_out_groups, balance_in_groups)
+        if self._balance is not None and self.drop_rule != "keep_score":
+            raise ValueError(f"balance_out_groups / balance_in_groups need drop_rule='keep_score', not {drop_rule!r}")
         if self._balance is not None and self.redistribution != "none":
             raise ValueError("balance_out_groups / balance_in_groups keep every group's count, so they "
                              f"need redistribution='none', not {self.redistribution!r}")
@@ -215,21 +287,31 @@ class DST(SparsityAlgorithm):
     @torch.no_grad()
     def update_masks(self, params, optimizer, clock: Clock, seed: int) -> list[Tensor] | None:
         f = float(self.drop_fraction(clock))
-        if f <= 0:
+        if f <= 0 and self.drop_rule != "threshold":
             return None
         masks = [sp.mask for sp in params]
         active = [int(m.count_nonzero()) for m in masks]
-        n_drop = [int(math.floor(f * a)) for a in active]
-        keep = [self._score(self.keep_score, sp, optimizer, seed, clock.step, "keep score") for sp in params]
+        weights = [sp.param.detach() for sp in params]
         grow = [self._score(self.grow_score, sp, optimizer, seed, clock.step, "grow score") for sp in params]
-        if self._balance is not None:
-            return [_balanced_drop_and_grow(m, k, g, f, *self._balance) for m, k, g in zip(masks, keep, grow)]
-        n_grow = list(n_drop)
-        if self.redistribution == "momentum":
-            layer_scores = [float(g[m].mean()) if a else 0.0 for g, m, a in zip(grow, masks, active)]
-            free = [m.numel() - (a - d) for m, a, d in zip(masks, active, n_drop)]
-            n_grow = redistribute(layer_scores, n_drop, free)
-        return [drop_and_grow(m, k, g, d, n) for m, k, g, d, n in zip(masks, keep, grow, n_drop, n_grow)]
+        if self.drop_rule == "threshold":
+            kept = [threshold_drop(w, m, self.drop_threshold) for w, m in zip(weights, masks)]
+        else:
+            n_drop = [int(math.floor(f * a)) for a in active]
+            if self.drop_rule == "set":
+                kept = [set_drop(w, m, d) for w, m, d in zip(weights, masks, n_drop)]
+            else:
+                keep = [self._score(self.keep_score, sp, optimizer, seed, clock.step, "keep score") for sp in params]
+                if self._balance is not None:
+                    return [_balanced_drop_and_grow(m, k, g, f, *self._balance) for m, k, g in zip(masks, keep, grow)]
+                kept = [_topk_among(k, m, a - d) for k, m, a, d in zip(keep, masks, active, n_drop)]
+        dropped = [a - int(k.count_nonzero()) for a, k in zip(active, kept)]
+        n_grow = list(dropped)
+        if self.redistribution != "none":
+            momenta = ([self._score(resolve_score("momentum"), sp, optimizer, seed, clock.step, "momentum")
+                        for sp in params] if self.redistribution == "momentum" else None)
+            shares = layer_scores(self.redistribution, weights, masks, momenta, self.drop_threshold)
+            n_grow = redistribute(shares, dropped, [k.numel() - int(k.count_nonzero()) for k in kept])
+        return [grow_into(k, g, n) for k, g, n in zip(kept, grow, n_grow)]
 
     @property
     def keeps_count(self) -> bool:  # type: ignore[override]

@@ -132,7 +132,11 @@ class GraNet(GMP):
     pruning step, a zero-cost regrowth of ceil(r_t · nnz) weights per layer by |gradient|.
 
     regrow_fraction: r_t, a float α (cosine from α to ``regrow_min`` over all of training) or
-    any schedule.
+    any schedule (``regrow_fraction = regrow_min`` gives a constant r_t, GraNet's
+    ``--decay-schedule constant``).
+    keep_regrowing: go on with the regrowth every ``freq`` steps after ``end``, at the final
+    density, until training ends (GraNet's reference code does; the paper describes regrowth
+    after each pruning step only, the default here).
     """
 
     name = "granet"
@@ -143,9 +147,13 @@ class GraNet(GMP):
         initial_sparsity: float = 0.5,
         regrow_fraction: float | Schedule = 0.5,
         regrow_min: float = 0.005,
+        keep_regrowing: bool = False,
         **kwargs,
     ):
+        if not isinstance(keep_regrowing, bool):
+            raise ValueError(f"keep_regrowing must be true or false, got {keep_regrowing!r}")
         super().__init__(sparsity, initial_sparsity, **kwargs)
+        self.keep_regrowing = keep_regrowing
         if isinstance(regrow_fraction, Schedule):
             self.regrow_fraction = regrow_fraction
         else:
@@ -153,6 +161,11 @@ class GraNet(GMP):
                 raise ValueError(f"regrow_fraction must be in [0, 1] and regrow_min in [0, regrow_fraction], "
                                  f"got {regrow_fraction} and {regrow_min}")
             self.regrow_fraction = Cosine(float(regrow_fraction), half_period=1.0, minimum=float(regrow_min))
+
+    def is_update(self, clock: Clock) -> bool:
+        if self.keep_regrowing:
+            return SparsityAlgorithm.is_update(self, clock)
+        return super().is_update(clock)
 
     @torch.no_grad()
     def update_masks(self, params, optimizer, clock: Clock, seed: int) -> list[Tensor] | None:

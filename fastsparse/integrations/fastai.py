@@ -28,6 +28,7 @@ How a fit drives the engine:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -302,6 +303,11 @@ class SparsifyCallback(_EngineCallback):
     ``rewind_epoch``; ``reset_end=True`` returns the ticket at those values after the fit.
     ``end_sparsity`` and ``method`` are accepted as the blog's spellings of ``sparsity`` and
     ``context``. After the fit, ``self.scheduler`` holds the scheduler and its ``events``.
+
+    fasterai's other arguments pass to :class:`~fastsparse.SparsifyScheduler`: ``sparsity`` as
+    a {module name: sparsity} dict, ``nm``, ``layer_type``, ``round_to``, ``start_sparsity``,
+    ``save_tickets`` (True: the working folder, or a folder); ``model`` sparsifies that module
+    instead of ``learn.model``.
     """
 
     state_kind = "sparsify"
@@ -327,6 +333,12 @@ class SparsifyCallback(_EngineCallback):
         *,
         end_sparsity: float | None = None,
         method: str | None = None,
+        model: nn.Module | None = None,
+        layer_type: type | tuple[type, ...] | None = None,
+        nm: bool = False,
+        round_to: int | None = None,
+        start_sparsity: float = 0.0,
+        save_tickets: bool | str = False,
     ):
         if (sparsity is None) == (end_sparsity is None):
             raise TypeError("give the target as sparsity= (or the blog's end_sparsity=), exactly once")
@@ -341,7 +353,11 @@ class SparsifyCallback(_EngineCallback):
             raise ValueError("a ProgressSchedule carries its own start and end: drop start_epoch/end_epoch")
         if not (isinstance(schedule, (str, ProgressSchedule)) or callable(schedule)):
             raise TypeError(f"schedule must be a name, a ProgressSchedule or a function, got {schedule!r}")
-        self.sparsity = _percent(sparsity if sparsity is not None else end_sparsity)
+        target = sparsity if sparsity is not None else end_sparsity
+        self.sparsity = {k: _percent(v) for k, v in target.items()} if isinstance(target, dict) else _percent(target)
+        self.sparse_model, self.layer_type, self.nm, self.round_to = model, layer_type, nm, round_to
+        self.start_sparsity = _percent(start_sparsity)
+        self.save_tickets = "." if save_tickets is True else (save_tickets or None)
         self.granularity, self.context = granularity, (context or method or "local")
         self.criteria = _CRITERIA_NAMES.get(criteria, criteria) if callable(criteria) else criteria
         self.schedule = _SCHEDULE_NAMES.get(schedule, schedule) if callable(schedule) else schedule
@@ -351,8 +367,9 @@ class SparsifyCallback(_EngineCallback):
         self.distribution, self.include, self.exclude, self.seed = distribution, include, exclude, int(seed)
         # fail now, not at the first fit: build the schedule and a throwaway algorithm
         self._progress_schedule(n_epoch=max(1, (end_epoch or 0), (start_epoch or 0)))
-        Sparsify(self.sparsity, granularity, self.context, self.criteria, "agp", n_steps=n_steps,
-                 distribution=distribution, include=include, exclude=exclude)
+        if not isinstance(self.sparsity, dict) and not nm:
+            Sparsify(self.sparsity, granularity, self.context, self.criteria, "agp", n_steps=n_steps,
+                     distribution=distribution, round_to=round_to, include=include, exclude=exclude)
         self.scheduler: SparsifyScheduler | None = None
 
     def _progress_schedule(self, n_epoch: int) -> Callable[[float], float]:
@@ -365,12 +382,17 @@ class SparsifyCallback(_EngineCallback):
         return _Window(self.schedule, 0.0 if start is None else start, end)
 
     def _build(self) -> None:
-        model = _unwrap(self.learn.model)
+        model = _unwrap(self.sparse_model if self.sparse_model is not None else self.learn.model)
+        schedule = self._progress_schedule(self.n_epoch)
+        if self.start_sparsity and isinstance(schedule, ProgressSchedule):
+            top = max(self.sparsity.values()) if isinstance(self.sparsity, dict) else self.sparsity
+            schedule = dataclasses.replace(schedule, start_val=self.start_sparsity / top)
         self.scheduler = SparsifyScheduler(
             model, _engine_optimizer(self.learn.opt), self.sparsity, self.granularity, self.context, self.criteria,
-            self._progress_schedule(self.n_epoch), n_steps=self.n_steps, lth=self.lth,
+            schedule, n_steps=self.n_steps, lth=self.lth,
             rewind_epoch=self.rewind_epoch, reset_end=self.reset_end, reset_optimizer=self.reset_optimizer,
-            distribution=self.distribution, include=self.include, exclude=self.exclude, seed=self.seed)
+            distribution=self.distribution, include=self.include, exclude=self.exclude, seed=self.seed,
+            layer_type=self.layer_type, nm=self.nm, round_to=self.round_to, save_tickets=self.save_tickets)
 
     def before_train(self) -> None:
         super().before_train()
