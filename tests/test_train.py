@@ -222,3 +222,17 @@ def test_sparser_checkpoints_resume_to_the_same_result(tmp_path):
     resumed = run(cfg, tmp_path / "b", progress=False, resume=True, checkpoint_every=2)
     assert resumed["test_accuracy"] == whole["test_accuracy"] and resumed["itop_rate"] == whole["itop_rate"]
     assert [json.loads(x)["epoch"] for x in (run_b / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("name, shape, classes", [("cifar10_resnet20", [3, 32, 32], 10),
+                                                   ("mnist_lenet300", [1, 28, 28], 10),
+                                                   ("transformer_balanced", [1, 8, 8], 10),
+                                                   ("digits_blocks", [1, 8, 8], 10)])
+def test_the_other_examples_run_a_few_steps_on_tiny_data_of_their_shape(name, shape, classes, tmp_path):
+    # the systems' examples have their own run tests (tests/test_coming_from_*.py, test_convert_suptickets.py)
+    path = EXAMPLE.parent / f"{name}.yaml"
+    tiny = load_config(path, [f"data={{name: synthetic, shape: {shape}, classes: {classes}, n_train: 16, "
+                              "n_test: 8, batch_size: 8}", "epochs=1"])
+    summary = run(tiny, tmp_path, progress=False)
+    assert summary["steps"] == 2 and 0 < summary["active_params"] < summary["sparse_params"]
+    assert summary["config"]["model"]["name"] == load_config(path)["model"]["name"]
