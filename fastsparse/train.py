@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import functools
 import io
 import json
@@ -131,10 +132,13 @@ def _n_train(name: str, kwargs: dict[str, Any]) -> int:
     return min(full, int(size)) if size else full
 
 
-def _optimizer(config: ExperimentConfig, model: nn.Module) -> torch.optim.Optimizer:
+def _optimizer(config: ExperimentConfig, params: Any, lr: float | None = None) -> torch.optim.Optimizer:
+    """The config's optimizer over ``params`` (at ``lr`` instead of the config's, if given)."""
     spec = config.optimizer.model_dump()
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[spec.pop("name")]
-    return cls(model.parameters(), **spec)
+    if lr is not None:
+        spec["lr"] = lr
+    return cls(params, **spec)
 
 
 def _ranks() -> tuple[int, int]:
@@ -201,7 +205,7 @@ def prepare(config: ExperimentConfig | dict, load_data: bool = True, require_dat
     model.to(device)
     _check_fits(model, input_shape, num_classes, name)
     cost = layer_costs(model, input_shape)
-    optimizer = _optimizer(config, model)
+    optimizer = _optimizer(config, model.parameters())
     # under torchrun each rank takes batch_size examples of every global batch of batch_size · world
     steps_per_epoch = math.ceil(n_train / (config.data.batch_size * _ranks()[1]))
     total_steps = steps_per_epoch * config.epochs
@@ -808,21 +812,13 @@ def _fine_tune_experiment(exp: Experiment, epochs: int) -> Experiment:
     """The experiment of the fine-tuning phase: the found masks fixed (a static engine), the
     weights that can train (BatchNorm stays non-affine), the config's optimizer at ``fine_tune_lr``."""
     alg, config = exp.search, exp.config
-    spec = config.optimizer.model_dump()
-    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[spec.pop("name")]
-    spec["lr"] = alg.fine_tune_lr
-    bn = {id(p) for m in exp.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
-          for p in (m.weight, m.bias)}
-    for p in exp.model.parameters():
-        p.requires_grad_(id(p) not in bn)
-    params = [p for p in exp.model.parameters() if p.requires_grad]
-    optimizer = cls(params, **spec)
+    # the search (or, on resume, freeze_bn_affine_) left BatchNorm's affine parameters frozen
+    optimizer = _optimizer(config, [p for p in exp.model.parameters() if p.requires_grad], alg.fine_tune_lr)
     spe = exp.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: alg.fine_tune_factor(step / spe, epochs))
     sparsifier = Sparsifier(exp.model, optimizer, alg, total_steps=epochs * spe, seed=config.seed)
-    return Experiment(config.model_copy(update={"epochs": epochs}), exp.resolved, exp.model, optimizer,
-                      scheduler, sparsifier, exp.plan, exp.input_shape, exp.num_classes, exp.n_train, spe,
-                      epochs * spe, exp.cost, exp.data, exp.notes, None, exp.device)
+    return dataclasses.replace(exp, config=config.model_copy(update={"epochs": epochs}), optimizer=optimizer,
+                               scheduler=scheduler, sparsifier=sparsifier, total_steps=epochs * spe, search=None)
 
 
 def _checkpoint(run_dir: Path, exp: Experiment, epoch: int, order: torch.Generator,
