@@ -28,7 +28,7 @@ test-all: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m ''
 
 demo: install
-	$(BIN)/python -m fastsparse.demo
+	$(BIN)/python -m fastsparse.experiments.demo
 
 bench: install
 	$(BIN)/python benchmarks/overhead.py

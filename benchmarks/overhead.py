@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 import fastsparse as sparse
-from fastsparse.data import load_digits_split
-from fastsparse.models import MLP
+from fastsparse.experiments.data import load_digits_split
+from fastsparse.experiments.models import MLP
 
 
 class DigitsCNN(nn.Module):

@@ -20,8 +20,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fastsparse as sparse  # noqa: E402
-from fastsparse.export import save_sparse, size_report  # noqa: E402
-from fastsparse.models import MLP  # noqa: E402
+from fastsparse.deploy.export import save_sparse, size_report  # noqa: E402
+from fastsparse.experiments.models import MLP  # noqa: E402
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import fastsparse as sparse
 from fastsparse.algorithms.suptickets import SupTickets, SupTicketsTrainer
-from fastsparse.models import MLP
+from fastsparse.experiments.models import MLP
 from digits_run import digits, BATCH, SIZES, run, _train
 
 class Loader:
@@ -50,8 +50,8 @@ def sup(seed, base="rigl", cycle=5, cycle_rate=0.2, lr_1=0.001, lr_2=0.02, sup="
 import fastsparse as sparse
 from fastsparse.algorithms.gems import GemMiner, EdgePopup, search, finetune
 from fastsparse.algorithms.pai import shuffle_masks
-from fastsparse.masks import sparse_params, attach_mask
-from fastsparse.models import MLP
+from fastsparse.core.masks import sparse_params, attach_mask
+from fastsparse.experiments.models import MLP
 res = {}
 def add(k, v): res.setdefault(k, []).append(v); print(k, v, flush=True)
 def acc(m, xt, yt):

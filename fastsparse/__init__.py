@@ -8,27 +8,27 @@ from .algorithms import (
     DST, SET, SNFS, RigL, SparsityAlgorithm, Static, create, drop_and_grow, get_algorithm,
     list_algorithms, redistribute, register,
 )
-from .api import SparseHandle, sparsify_model
-from .distributions import erdos_renyi_sparsity, first_layer_dense_uniform, uniform_sparsity
-from .masks import (
+from .engine.handle import SparseHandle, sparsify_model
+from .core.distributions import erdos_renyi_sparsity, first_layer_dense_uniform, uniform_sparsity
+from .core.masks import (
     SparseParam, apply_masks, default_param_filter, global_topk_masks, select_params,
     sparse_params, topk_mask,
 )
-from .optim import DynamicSparseTrainingOptimizerWrapper, RigL_presets, SET_presets, SNFS_presets
-from .schedules import (
+from .engine.optim import DynamicSparseTrainingOptimizerWrapper, RigL_presets, SET_presets, SNFS_presets
+from .core.schedules import (
     Clock, Constant, Cosine, Cubic, Cyclic, Exponential, Linear, Power, UpdateSchedule,
 )
-from .scores import gradient_magnitude, gradient_momentum, random_score, weight_magnitude
-from .sparsifier import Sparsifier
-from ._distributed import MaskDisagreement
+from .core.scores import gradient_magnitude, gradient_momentum, random_score, weight_magnitude
+from .engine.sparsifier import Sparsifier
+from .engine.distributed import MaskDisagreement
 from .algorithms import (
     GMP, IMP, SNIP, GraNet, GraSP, PaI, PruneAndGrowGlobal, PruneAndGrowUniform, PruneGlobal,
     PruneUniform, Sparsify, SparsifyScheduler, SynFlow, Ticket, find_ticket, invert_scores,
     prune_at_init, reinit_weights, shuffle_masks,
 )
-from .criteria import CRITERIA
-from .progress import ProgressSchedule
-from .structured import nm_mask, prune_masks, select_masks, valid_granularities
+from .core.criteria import CRITERIA
+from .core.progress import ProgressSchedule
+from .core.structured import nm_mask, prune_masks, select_masks, valid_granularities
 
 __version__ = "0.1.0"
 
@@ -49,18 +49,18 @@ __all__ = [
 ]
 
 from .algorithms import EdgePopup, GemMiner, SupTickets, SupTicketsTrainer  # noqa: E402
-from .itop import ITOP, ITOP_presets  # noqa: E402
+from .algorithms.itop import ITOP, ITOP_presets  # noqa: E402
 
 __all__ += ["ITOP", "ITOP_presets", "SupTickets", "SupTicketsTrainer", "EdgePopup", "GemMiner"]
 
-from .models import create_model, list_models  # noqa: E402
-from .flops import forward_flops, training_flops  # noqa: E402
+from .experiments.models import create_model, list_models  # noqa: E402
+from .core.flops import forward_flops, training_flops  # noqa: E402
 
 
 def from_config(model, optimizer, config, **kwargs):
     """Build a :class:`Sparsifier` from a config dict, a list of blocks or a YAML path
     (needs the ``cli`` extra: pydantic and pyyaml are imported here, not by the core)."""
-    from .config import from_config as build
+    from .experiments.config import from_config as build
 
     return build(model, optimizer, config, **kwargs)
 

@@ -1,4 +1,4 @@
 """``python -m fastsparse ...`` is the command line (for ``torchrun -m fastsparse train ...``)."""
-from .cli import main
+from .experiments.cli import main
 
 main()

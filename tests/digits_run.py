@@ -1,6 +1,6 @@
 """The end-to-end digits training of the accuracy tests (and of the distributed worker's set-up).
 
-Set-up: scikit-learn digits through ``fastsparse.data.load_digits_split`` (inputs in [0, 1],
+Set-up: scikit-learn digits through ``fastsparse.experiments.data.load_digits_split`` (inputs in [0, 1],
 stratified 75/25, fixed split), MLP 64-300-100-10, SGD lr 0.1 momentum 0.9 with cosine
 learning-rate decay to 0 over training, batch 64, 98% sparsity with the ERK distribution,
 drop fraction 0.3 (cosine-decayed), a mask update every 50 steps until 75% of training.
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 import fastsparse as sparse
-from fastsparse.data import load_digits_split
-from fastsparse.masks import n_keep, sparse_params
-from fastsparse.models import MLP
+from fastsparse.experiments.data import load_digits_split
+from fastsparse.core.masks import n_keep, sparse_params
+from fastsparse.experiments.models import MLP
 
 SIZES = (64, 300, 100, 10)
 SPARSITY = 0.98

@@ -38,9 +38,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastsparse as sparse
-from fastsparse.data import load_digits_split
-from fastsparse.masks import sparse_params
-from fastsparse.models import MLP
+from fastsparse.experiments.data import load_digits_split
+from fastsparse.core.masks import sparse_params
+from fastsparse.experiments.models import MLP
 
 SIZES = (64, 128, 64, 10)
 SPARSITY = 0.9

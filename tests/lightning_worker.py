@@ -28,9 +28,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastsparse as sparse
-from fastsparse.data import load_digits_split
-from fastsparse.masks import sparse_params
-from fastsparse.models import MLP
+from fastsparse.experiments.data import load_digits_split
+from fastsparse.core.masks import sparse_params
+from fastsparse.experiments.models import MLP
 
 SIZES = (64, 128, 64, 10)
 SPARSITY = 0.9

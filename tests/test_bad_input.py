@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fastsparse as fs
-from fastsparse.schedules import Constant, UpdateSchedule
+from fastsparse.core.schedules import Constant, UpdateSchedule
 from helpers import ConvNet, batch, mlp
 
 

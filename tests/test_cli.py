@@ -15,7 +15,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from fastsparse.cli import app
+from fastsparse.experiments.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "digits_rigl.yaml"
@@ -147,8 +147,8 @@ def test_train_writes_the_run_folder_and_prints_the_summary(tmp_path):
 def test_resuming_after_the_config_changed_is_refused(tmp_path):
     cfg = example_with(tmp_path, epochs=4)
     runs = tmp_path / "runs"
-    from fastsparse.config import load_config
-    from fastsparse.train import RunInterrupted, run
+    from fastsparse.experiments.config import load_config
+    from fastsparse.experiments.runner import RunInterrupted, run
 
     def stop(epoch, metrics):
         raise RunInterrupted("killed")
@@ -165,7 +165,7 @@ def test_resuming_after_the_config_changed_is_refused(tmp_path):
 
 def _train_process(cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fastsparse.cli", "train", str(cfg), "--out", str(out),
+    return subprocess.Popen([sys.executable, "-m", "fastsparse.experiments.cli", "train", str(cfg), "--out", str(out),
                              "--quiet", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

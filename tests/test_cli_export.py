@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 from typer.testing import CliRunner
 
-from fastsparse.cli import app
-from fastsparse.export import load_sparse
-from fastsparse.masks import sparse_params
-from fastsparse.models import MLP
+from fastsparse.experiments.cli import app
+from fastsparse.deploy.export import load_sparse
+from fastsparse.core.masks import sparse_params
+from fastsparse.experiments.models import MLP
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits_rigl.yaml"
 runner = CliRunner()

@@ -11,11 +11,11 @@ import torch
 from typer.testing import CliRunner
 
 import fastsparse as sparse
-from fastsparse.cli import app
-from fastsparse.config import ConfigError, load_config, parse_config, plan_sparsity
-from fastsparse.models import MLP, TransformerEncoder
-from fastsparse.schedules import Clock, Constant, Cosine, Cyclic, Exponential, Linear, Power, UpdateSchedule
-from fastsparse.train import prepare, run
+from fastsparse.experiments.cli import app
+from fastsparse.experiments.config import ConfigError, load_config, parse_config, plan_sparsity
+from fastsparse.experiments.models import MLP, TransformerEncoder
+from fastsparse.core.schedules import Clock, Constant, Cosine, Cyclic, Exponential, Linear, Power, UpdateSchedule
+from fastsparse.experiments.runner import prepare, run
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("cerebras_*.yaml"))
@@ -161,7 +161,7 @@ def _problems_plan(block, model):
 
 
 def test_add_summaries_logs_which_weights_are_sparsified(caplog):
-    with caplog.at_level(logging.INFO, logger="fastsparse.config"):
+    with caplog.at_level(logging.INFO, logger="fastsparse.experiments.config"):
         _plan({"sparsity": 0.5, "add_summaries": True})
     text = caplog.text
     assert "0.weight (30, 64): static, target density 0.5000" in text and "0.bias (30,): dense" in text

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 import fastsparse as sparse
-from fastsparse.config import load_config, parse_config
-from fastsparse.criteria import CRITERIA, criterion_scores
-from fastsparse.masks import n_keep, sparse_params
-from fastsparse.progress import ProgressSchedule
-from fastsparse.structured import valid_granularities
-from fastsparse.train import prepare, run
+from fastsparse.experiments.config import load_config, parse_config
+from fastsparse.core.criteria import CRITERIA, criterion_scores
+from fastsparse.core.masks import n_keep, sparse_params
+from fastsparse.core.progress import ProgressSchedule
+from fastsparse.core.structured import valid_granularities
+from fastsparse.experiments.runner import prepare, run
 
 from helpers import ConvNet, mlp
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import fastsparse as sparse
-from fastsparse.api import is_sparseable_module, sparse_mask, sparse_mask_like, sparseable_modules, top_k_mask
-from fastsparse.masks import n_keep
+from fastsparse.engine.handle import is_sparseable_module, sparse_mask, sparse_mask_like, sparseable_modules, top_k_mask
+from fastsparse.core.masks import n_keep
 
 from helpers import ConvNet, mlp
 

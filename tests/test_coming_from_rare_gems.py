@@ -12,11 +12,11 @@ import yaml
 from typer.testing import CliRunner
 
 from fastsparse.algorithms.gems import GemMiner, ScoredModel, sanity_variants, signed_constant_
-from fastsparse.cli import app
-from fastsparse.config import load_config, parse_config
-from fastsparse.convert import ConversionError, convert, convert_with_notes
-from fastsparse.masks import select_params
-from fastsparse.train import prepare, run
+from fastsparse.experiments.cli import app
+from fastsparse.experiments.config import load_config, parse_config
+from fastsparse.experiments.convert import ConversionError, convert, convert_with_notes
+from fastsparse.core.masks import select_params
+from fastsparse.experiments.runner import prepare, run
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "data" / "rare_gems_resnet20.yml"     # their README's sample, verbatim

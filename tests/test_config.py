@@ -11,12 +11,12 @@ from torch import nn
 
 import fastsparse as sparse
 from fastsparse.algorithms import base as registry
-from fastsparse.config import (
+from fastsparse.experiments.config import (
     ConfigError, algorithm_parameters, apply_overrides, config_hash, from_config, load_config, load_suite, parse_config, plan_sparsity,
     resolve_config,
 )
-from fastsparse.models import MLP, TransformerEncoder
-from fastsparse.schedules import Clock, Constant, Cosine, Cubic, Cyclic, Exponential, Linear, Power, UpdateSchedule
+from fastsparse.experiments.models import MLP, TransformerEncoder
+from fastsparse.core.schedules import Clock, Constant, Cosine, Cubic, Cyclic, Exponential, Linear, Power, UpdateSchedule
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits_rigl.yaml"
 
@@ -48,7 +48,7 @@ def test_example_validates_and_plans_rigl_with_erk():
 
 @pytest.mark.parametrize("name", sparse.list_algorithms())
 def test_every_registered_algorithm_can_replace_rigl(name):
-    from fastsparse.train import prepare
+    from fastsparse.experiments.runner import prepare
 
     raw = example()
     raw["sparsity"]["algorithm"] = name
@@ -386,7 +386,7 @@ def test_suite_files_are_validated(tmp_path):
 # --- the shipped examples ------------------------------------------------------------------------
 @pytest.mark.parametrize("path", sorted((EXAMPLE.parent).glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_example_validates(path, tmp_path):
-    from fastsparse.train import prepare
+    from fastsparse.experiments.runner import prepare
 
     raw = load_config(path)
     if "methods" in raw or "base" in raw:                   # a compare suite

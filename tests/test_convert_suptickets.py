@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fastsparse.config import load_config, load_yaml, parse_config
-from fastsparse.convert import ConversionError, convert, convert_with_notes
+from fastsparse.experiments.config import load_config, load_yaml, parse_config
+from fastsparse.experiments.convert import ConversionError, convert, convert_with_notes
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_FLAGS = ("--update_bn --pre_train --cyclic_train --re_explore --no_maskupdates --cyc_lr --lr_2 0.005 "
@@ -84,7 +84,7 @@ def test_published_imagenet_granet_command_is_the_example():
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_example_validates_and_dry_runs(name):
-    from fastsparse.train import prepare
+    from fastsparse.experiments.runner import prepare
 
     parse_config(_example(name))
     raw = load_config(ROOT / "examples" / f"{name}.yaml", _tiny(name)[:1])   # the real data is absent here
@@ -95,7 +95,7 @@ def test_example_validates_and_dry_runs(name):
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_example_trains_a_few_steps_on_tiny_synthetic_data(name, tmp_path):
-    from fastsparse.train import run
+    from fastsparse.experiments.runner import run
 
     raw = load_config(ROOT / "examples" / f"{name}.yaml", _tiny(name))
     summary = run(raw, tmp_path, progress=False)
@@ -291,7 +291,7 @@ def test_unknown_options_and_bad_values_name_what_is_allowed():
 def test_cli_convert_writes_the_config_with_notes_as_comments(tmp_path):
     from typer.testing import CliRunner
 
-    from fastsparse.cli import app
+    from fastsparse.experiments.cli import app
 
     out = tmp_path / "c.yaml"
     result = CliRunner().invoke(app, ["convert", "--from", "suptickets", PUBLISHED["suptickets_cifar100_resnet50_rigl"],

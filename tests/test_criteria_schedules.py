@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import fastsparse as sparse
-from fastsparse.criteria import CRITERIA, criterion_scores
-from fastsparse.progress import ProgressSchedule, as_progress_schedule
-from fastsparse.schedules import Clock, Cubic
+from fastsparse.core.criteria import CRITERIA, criterion_scores
+from fastsparse.core.progress import ProgressSchedule, as_progress_schedule
+from fastsparse.core.schedules import Clock, Cubic
 
 from helpers import batch, mlp, train_steps
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastsparse.data import (
+from fastsparse.experiments.data import (
     CIFAR10_FILES, MNIST_FILES, Dataset, check_dataset, dataset_info, load_dataset, load_digits_split, read_idx,
 )
 

@@ -86,8 +86,8 @@ def test_masks_and_weights_identical_on_both_ranks(agree_results, method):
     assert r0["history"] == r1["history"]
     assert sum(rec["changed"] for rec in r0["history"]) > 0
     # SET and RigL keep every layer's count: exactly 90% ERK sparsity at the end
-    from fastsparse.distributions import erdos_renyi_sparsity
-    from fastsparse.masks import n_keep
+    from fastsparse.core.distributions import erdos_renyi_sparsity
+    from fastsparse.core.masks import n_keep
     weights = [s0[k[: -len("_mask")]] for k in mask_keys]
     targets = erdos_renyi_sparsity([tuple(w.shape) for w in weights], 0.9)
     for k, w, s in zip(mask_keys, weights, targets):

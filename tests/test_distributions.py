@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastsparse as fs
-from fastsparse.distributions import DISTRIBUTIONS, resolve_sparsities
+from fastsparse.core.distributions import DISTRIBUTIONS, resolve_sparsities
 from helpers import ConvNet, mlp
 
 # tests/helpers.ConvNet: conv (c_out=4, c_in=1, 3, 3), N = 36; fc (10, 64), N = 640

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fastsparse as fs
-from fastsparse.schedules import Clock, Constant, UpdateSchedule
+from fastsparse.core.schedules import Clock, Constant, UpdateSchedule
 from helpers import layer_input, one_layer, batch, mlp
 
 INF = float("inf")

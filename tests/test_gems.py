@@ -11,7 +11,7 @@ from fastsparse.algorithms.gems import (
     EdgePopup, GemMiner, ScoredModel, finetune, hc_iter_keep_counts, search,
 )
 from fastsparse.algorithms.pai import reinit_weights, shuffle_masks
-from fastsparse.masks import n_keep, sparse_params
+from fastsparse.core.masks import n_keep, sparse_params
 
 from helpers import ConvNet, mlp
 
@@ -189,7 +189,7 @@ def _digits_gem(seed=0, epochs=41):
     import os, sys
     sys.path.insert(0, os.path.dirname(__file__))
     from digits_run import SIZES, DigitsLoader, digits
-    from fastsparse.models import MLP
+    from fastsparse.experiments.models import MLP
 
     torch.manual_seed(seed)
     x, y, xt, yt = digits()
@@ -242,7 +242,7 @@ def gem_vs_random(seed=0, sparsity=0.98, search_epochs=101, ft_epochs=100, ft_lr
     import copy, os, sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from digits_run import SIZES, digits
-    from fastsparse.models import MLP
+    from fastsparse.experiments.models import MLP
 
     torch.manual_seed(seed)
     x, y, xt, yt = digits()

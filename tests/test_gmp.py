@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import fastsparse as sparse
-from fastsparse.distributions import erdos_renyi_sparsity
-from fastsparse.masks import n_keep
-from fastsparse.schedules import Clock, Cubic
+from fastsparse.core.distributions import erdos_renyi_sparsity
+from fastsparse.core.masks import n_keep
+from fastsparse.core.schedules import Clock, Cubic
 
 from helpers import ConvNet, batch, mlp
 

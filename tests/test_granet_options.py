@@ -10,7 +10,7 @@ from torch import nn
 
 import fastsparse as fs
 from fastsparse.algorithms.dst import layer_scores, set_drop, threshold_drop
-from fastsparse.schedules import Clock, Constant, UpdateSchedule
+from fastsparse.core.schedules import Clock, Constant, UpdateSchedule
 from helpers import batch, mlp
 
 

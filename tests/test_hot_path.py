@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastsparse as sparse
-from fastsparse import masks as masks_mod
+from fastsparse.core import masks as masks_mod
 from helpers import mlp
 
 N = (1 << 20) + 37  # above the size from which the bound is used

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 import fastsparse as sparse
-from fastsparse import inference
-from fastsparse.inference import (
+from fastsparse.deploy import inference
+from fastsparse.deploy.inference import (
     LayerDecision, SparseLinear, SparseMultiheadAttention, bench_inference, is_2to4, plan_inference,
     to_inference,
 )
-from fastsparse.masks import sparse_params
-from fastsparse.models import MLP
+from fastsparse.core.masks import sparse_params
+from fastsparse.experiments.models import MLP
 from helpers import AttnNet, ConvNet
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
@@ -274,7 +274,7 @@ def test_enforcement_hooks_are_removed_from_the_converted_model():
 
 def test_bench_inference_on_a_model_and_on_files(tmp_path):
     pytest.importorskip("safetensors")
-    from fastsparse.export import save_sparse
+    from fastsparse.deploy.export import save_sparse
     model = MLP([32, 64, 10])
     sparse.sparsify_model(model, 0.9).remove()
     result = bench_inference(model, [1, 4], reps=1)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fastsparse as sparse
-from fastsparse.masks import sparse_params
-from fastsparse.schedules import Clock
+from fastsparse.core.masks import sparse_params
+from fastsparse.core.schedules import Clock
 
 from helpers import batch, mlp, train_steps
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from doc_examples import run_example
-from fastsparse.config import ConfigError
-from fastsparse.distributions import erdos_renyi_sparsity
+from fastsparse.experiments.config import ConfigError
+from fastsparse.core.distributions import erdos_renyi_sparsity
 from fastsparse.integrations.lightning import SparseLightningCallback
-from fastsparse.masks import n_keep, sparse_params
+from fastsparse.core.masks import n_keep, sparse_params
 from lightning_worker import FREQ, SPARSITY, DigitsModule, digits_loader, rigl, summary, trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fastsparse as sparse
-from fastsparse.masks import n_keep
+from fastsparse.core.masks import n_keep
 
 from helpers import ConvNet, batch, mlp
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fastsparse as fs
-from fastsparse.masks import apply_masks, attach_mask, detach_masks, n_keep, sparsity_of
+from fastsparse.core.masks import apply_masks, attach_mask, detach_masks, n_keep, sparsity_of
 from helpers import AttnNet, ConvNet, mlp
 
 

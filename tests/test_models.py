@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import fastsparse as sparse
-from fastsparse.flops import forward_flops, layer_costs, training_flops, training_rule
-from fastsparse.models import MLP, MODELS, ResNet, SmallCNN, TransformerEncoder, WideResNet, create_model
+from fastsparse.core.flops import forward_flops, layer_costs, training_flops, training_rule
+from fastsparse.experiments.models import MLP, MODELS, ResNet, SmallCNN, TransformerEncoder, WideResNet, create_model
 
 INPUTS = {"mlp": (1, 8, 8), "lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "cnn": (1, 8, 8),
           "resnet20": (3, 32, 32), "resnet32": (3, 32, 32), "resnet56": (3, 32, 32), "wrn22_2": (3, 32, 32),
@@ -120,7 +120,7 @@ def test_the_flops_rule_comes_from_the_grow_score():
 
 
 def test_resnet50_stems_shapes_and_fan_in_init():
-    from fastsparse.models import ResNet50
+    from fastsparse.experiments.models import ResNet50
 
     cifar = create_model("resnet50", (3, 32, 32), 100)
     imagenet = create_model("resnet50", (3, 96, 96), 1000)

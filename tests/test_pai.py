@@ -7,7 +7,7 @@ import fastsparse as sparse
 from fastsparse.algorithms.pai import (
     grasp_scores, hessian_gradient_product, pai_masks, snip_scores, synflow_scores,
 )
-from fastsparse.masks import n_keep, select_params
+from fastsparse.core.masks import n_keep, select_params
 
 from helpers import ConvNet, batch, mlp
 

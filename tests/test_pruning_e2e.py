@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 import fastsparse as sparse
-from fastsparse.data import load_digits_split
-from fastsparse.models import MLP
+from fastsparse.experiments.data import load_digits_split
+from fastsparse.experiments.models import MLP
 
 SIZES = (64, 300, 100, 10)
 SPARSITY = 0.98

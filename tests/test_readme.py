@@ -6,8 +6,8 @@ import re
 import torch
 
 from doc_examples import DOC, README, example, run_example
-from fastsparse.masks import n_keep, sparse_params
-from fastsparse.distributions import erdos_renyi_sparsity
+from fastsparse.core.masks import n_keep, sparse_params
+from fastsparse.core.distributions import erdos_renyi_sparsity
 
 
 def _exact_counts(model, sparsity):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fastsparse as sparse
-from fastsparse.masks import n_keep
-from fastsparse.schedules import Clock
+from fastsparse.core.masks import n_keep
+from fastsparse.core.schedules import Clock
 
 from helpers import batch, mlp
 

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from fastsparse.schedules import (
+from fastsparse.core.schedules import (
     Clock, Constant, Cosine, Cubic, Cyclic, Exponential, Linear, Power, UpdateSchedule, as_schedule,
 )
 

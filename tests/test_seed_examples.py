@@ -23,8 +23,8 @@ from fastai.callback.progress import ProgressCallback
 from fastai.learner import defaults
 
 from doc_examples import run_example
-from fastsparse.distributions import erdos_renyi_sparsity
-from fastsparse.masks import n_keep, sparse_params
+from fastsparse.core.distributions import erdos_renyi_sparsity
+from fastsparse.core.masks import n_keep, sparse_params
 
 @pytest.fixture(autouse=True)
 def _quiet_fastai(monkeypatch, tmp_path):

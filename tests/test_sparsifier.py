@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fastsparse as fs
-from fastsparse.schedules import Constant, UpdateSchedule
+from fastsparse.core.schedules import Constant, UpdateSchedule
 from helpers import layer_input, one_layer, AttnNet, ConvNet, batch, mlp
 
 OPTIMIZERS = {

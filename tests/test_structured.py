@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fastsparse.masks import n_keep, select_params
-from fastsparse.structured import (
+from fastsparse.core.masks import n_keep, select_params
+from fastsparse.core.structured import (
     granularity_dims, group_scores, nm_keep_for, nm_mask, parse_nm, prune_masks, select_masks,
     valid_granularities,
 )

@@ -9,8 +9,8 @@ import fastsparse as sparse
 from fastsparse.algorithms.suptickets import (
     SupTickets, SupTicketsTrainer, cyclic_lr, cyclic_plan, superpose,
 )
-from fastsparse.masks import n_keep, sparse_params
-from fastsparse.schedules import Clock
+from fastsparse.core.masks import n_keep, sparse_params
+from fastsparse.core.schedules import Clock
 
 from helpers import ConvNet, mlp
 
@@ -209,7 +209,7 @@ def _digits_run(seed, base="rigl"):
     import sys, os
     sys.path.insert(0, os.path.dirname(__file__))
     from digits_run import SIZES, DigitsLoader, digits
-    from fastsparse.models import MLP
+    from fastsparse.experiments.models import MLP
 
     torch.manual_seed(seed)
     x, y, xt, yt = digits()

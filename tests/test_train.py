@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from fastsparse.config import DIGITS_BASE, ConfigError, load_config, parse_config, resolve_config
-from fastsparse.report import load_runs, summarize, write_report
-from fastsparse.train import (
+from fastsparse.experiments.config import DIGITS_BASE, ConfigError, load_config, parse_config, resolve_config
+from fastsparse.experiments.report import load_runs, summarize, write_report
+from fastsparse.experiments.runner import (
     ResumeError, RunInterrupted, lr_factor, method_config, run, run_suite, suite_methods,
 )
 
@@ -148,7 +148,7 @@ def test_bad_configs_fail_before_any_folder_is_written(tmp_path):
 
 
 def test_learning_rate_schedules():
-    from fastsparse.config import LRScheduleSpec
+    from fastsparse.experiments.config import LRScheduleSpec
 
     cos = LRScheduleSpec(name="cosine")
     assert lr_factor(0, 100, 10, cos) == 1.0 and lr_factor(50, 100, 10, cos) == pytest.approx(0.5)

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from fastsparse.config import DIGITS_BASE
-from fastsparse.train import run
+from fastsparse.experiments.config import DIGITS_BASE
+from fastsparse.experiments.runner import run
 
 CFG = {**copy.deepcopy(DIGITS_BASE), "epochs": 8, "model": {"name": "mlp", "sizes": [64, 128, 10]},
        "data": {"name": "digits", "batch_size": 32}, "device": "cpu",

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from fastsparse.algorithms.gems import hc_iter_keep_counts
 from fastsparse.algorithms.suptickets import cyclic_lr
-from fastsparse.cli import app
-from fastsparse.config import DIGITS_BASE, ConfigError
-from fastsparse.train import RunInterrupted, prepare, run
+from fastsparse.experiments.cli import app
+from fastsparse.experiments.config import DIGITS_BASE, ConfigError
+from fastsparse.experiments.runner import RunInterrupted, prepare, run
 
 # digits with a small MLP and large batches: 6 steps per epoch
 BASE = {**copy.deepcopy(DIGITS_BASE), "model": {"name": "mlp", "sizes": [64, 64, 10]},
@@ -165,7 +165,7 @@ def test_gem_target_out_of_reach_and_sharing_the_model_are_config_errors():
 def test_the_config_blocks_of_the_tickets_doc_validate_and_plan():
     import re
 
-    from fastsparse.config import parse_config
+    from fastsparse.experiments.config import parse_config
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "tickets.md").read_text()
     blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)

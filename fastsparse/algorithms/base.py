@@ -13,9 +13,9 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..distributions import check_sparsity, resolve_sparsities
-from ..masks import SparseParam, n_keep, select_params, topk_mask
-from ..schedules import Clock, UpdateSchedule
+from ..core.distributions import check_sparsity, resolve_sparsities
+from ..core.masks import SparseParam, n_keep, select_params, topk_mask
+from ..core.schedules import Clock, UpdateSchedule
 
 __all__ = [
     "SparsityAlgorithm", "register", "create", "list_algorithms", "get_algorithm",

@@ -19,9 +19,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..masks import SparseParam, n_keep, topk_mask
-from ..schedules import Clock, Cosine, Schedule, UpdateSchedule, as_schedule
-from ..scores import accepts_generator, resolve_score
+from ..core.masks import SparseParam, n_keep, topk_mask
+from ..core.schedules import Clock, Cosine, Schedule, UpdateSchedule, as_schedule
+from ..core.scores import accepts_generator, resolve_score
 from .base import SparsityAlgorithm, generator_for, register
 
 __all__ = ["drop_and_grow", "grow_into", "set_drop", "threshold_drop", "layer_scores", "redistribute", "DST", "SET",

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..masks import SparseParam, attach_mask, global_topk_masks, n_keep, sparse_params, topk_mask
+from ..core.masks import SparseParam, attach_mask, global_topk_masks, n_keep, sparse_params, topk_mask
 from .base import SparsityAlgorithm, generator_for, register
 
 __all__ = [
@@ -424,7 +424,7 @@ def finetune(
     """Train the weights of a model that carries masks (a found ticket) with the masks fixed:
     SGD at ``lr`` (GEM-MINER's ``fine_tune_lr``) with a cosine schedule unless ``optimizer`` /
     ``scheduler`` are given. Returns the engine (a static :class:`fastsparse.Sparsifier`)."""
-    from ..sparsifier import Sparsifier
+    from ..engine.sparsifier import Sparsifier
 
     if not sparse_params(model):
         raise ValueError("finetune trains a found ticket: the model carries no masks (run search first)")

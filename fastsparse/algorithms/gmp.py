@@ -2,7 +2,7 @@
 pruning-based sparse initialisations of GraNet/Sup-tickets (``--sparse-init prune_*``).
 
 GMP: every ΔT steps from t_0 until the first update step at or after t_end,
-s_t = s_f + (s_i − s_f) · (1 − (t − t_0)/(t_end − t_0))³ (:class:`fastsparse.schedules.Cubic`),
+s_t = s_f + (s_i − s_f) · (1 − (t − t_0)/(t_end − t_0))³ (:class:`fastsparse.core.schedules.Cubic`),
 and the masks keep the largest |w| among the weights still active (pruning is nested):
 per layer n_keep(N_l, s_l(t)) (``scope="local"``, each layer on its own curve from the
 distribution's initial to its final sparsity), or round((1 − s_t) · Σ N_l) over all layers
@@ -21,10 +21,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..distributions import check_sparsity, resolve_sparsities
-from ..masks import SparseParam
-from ..schedules import Clock, Cosine, Cubic, Schedule, UpdateSchedule, When
-from ..structured import check_scope, group_active, group_scores, resolve_dims, select_masks
+from ..core.distributions import check_sparsity, resolve_sparsities
+from ..core.masks import SparseParam
+from ..core.schedules import Clock, Cosine, Cubic, Schedule, UpdateSchedule, When
+from ..core.structured import check_scope, group_active, group_scores, resolve_dims, select_masks
 from .base import SparsityAlgorithm, register
 from .dst import drop_and_grow
 
@@ -48,7 +48,7 @@ class GMP(SparsityAlgorithm):
     start / end: where the cubic runs, as steps (int) or fractions of training (float).
     freq: ΔT, steps between pruning steps. scope: ``"global"`` (one threshold; the default,
     as in GraNet's reference code) or ``"local"`` (per layer, with ``distribution``).
-    granularity: ``"weight"`` or a structured granularity (see :mod:`fastsparse.structured`).
+    granularity: ``"weight"`` or a structured granularity (see :mod:`fastsparse.core.structured`).
     """
 
     name = "gmp"

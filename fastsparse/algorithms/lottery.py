@@ -18,11 +18,11 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..distributions import resolve_sparsities
-from ..masks import MASK_SUFFIX, SparseParam, attach_mask, sparse_params
-from ..schedules import Clock
-from ..sparsifier import Sparsifier
-from ..structured import check_scope, resolve_dims, select_masks
+from ..core.distributions import resolve_sparsities
+from ..core.masks import MASK_SUFFIX, SparseParam, attach_mask, sparse_params
+from ..core.schedules import Clock
+from ..engine.sparsifier import Sparsifier
+from ..core.structured import check_scope, resolve_dims, select_masks
 from .base import SparsityAlgorithm, register
 
 __all__ = ["IMP", "Ticket", "find_ticket", "snapshot_state", "restore_state", "check_prune_fraction"]

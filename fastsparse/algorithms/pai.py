@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..distributions import check_sparsity, resolve_sparsities
-from ..masks import SparseParam, attach_mask, select_params, sparse_params
-from ..structured import check_scope, select_masks
+from ..core.distributions import check_sparsity, resolve_sparsities
+from ..core.masks import SparseParam, attach_mask, select_params, sparse_params
+from ..core.structured import check_scope, select_masks
 from .base import SparsityAlgorithm, generator_for, register
 
 __all__ = [

@@ -22,13 +22,13 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..criteria import UPDATING, criterion_scores, needs_init, resolve_criterion
-from ..distributions import resolve_sparsities
-from ..masks import SparseParam, n_keep
-from ..progress import ProgressSchedule, ScheduleLike, as_progress_schedule
-from ..schedules import Clock
-from ..sparsifier import Sparsifier
-from ..structured import (
+from ..core.criteria import UPDATING, criterion_scores, needs_init, resolve_criterion
+from ..core.distributions import resolve_sparsities
+from ..core.masks import SparseParam, n_keep
+from ..core.progress import ProgressSchedule, ScheduleLike, as_progress_schedule
+from ..core.schedules import Clock
+from ..engine.sparsifier import Sparsifier
+from ..core.structured import (
     check_nm, check_scope, input_dim, nm_keep_for, nm_mask, parse_nm, resolve_dims, select_masks,
 )
 from .base import SparsityAlgorithm, generator_for, register
@@ -43,10 +43,10 @@ class Sparsify(SparsityAlgorithm):
 
     granularity: ``weight``, a structured granularity (``row``, ``column``, ``filter``,
       ``kernel``, ``channel``) or ``"N:M"`` (then ``sparsity`` must be 1 − N/M).
-    context: ``local`` or ``global``. criteria: a name from :mod:`fastsparse.criteria` or
-    ``f(w, w0) -> scores``. schedule: a name from :mod:`fastsparse.progress` (with ``start``,
+    context: ``local`` or ``global``. criteria: a name from :mod:`fastsparse.core.criteria` or
+    ``f(w, w0) -> scores``. schedule: a name from :mod:`fastsparse.core.progress` (with ``start``,
     ``end`` as fractions of training, ``n_steps`` for ``iterative``), a
-    :class:`~fastsparse.progress.ProgressSchedule` or a function of progress.
+    :class:`~fastsparse.core.progress.ProgressSchedule` or a function of progress.
     round_to: ``local`` only: each layer keeps a multiple of ``round_to`` groups (rounded up,
       at least ``round_to``; fasterai's ``round_to``).
     lth / rewind_at: in-fit lottery tickets for the engine's own loop (a config, ``fastsparse

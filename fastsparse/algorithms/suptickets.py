@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..masks import SparseParam, global_topk_masks, topk_mask
-from ..schedules import Clock
+from ..core.masks import SparseParam, global_topk_masks, topk_mask
+from ..core.schedules import Clock
 from .base import SparsityAlgorithm, create, generator_for, register
 from .dst import DST, drop_and_grow
 
@@ -423,7 +423,7 @@ class SupTicketsTrainer:
         seed: int = 0,
         keep_tickets: bool = False,
     ):
-        from ..sparsifier import Sparsifier
+        from ..engine.sparsifier import Sparsifier
 
         if not isinstance(algorithm, SupTickets):
             raise TypeError(f"algorithm must be a SupTickets instance, got {algorithm!r}")

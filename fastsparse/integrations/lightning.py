@@ -27,8 +27,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from ..algorithms.base import SparsityAlgorithm, create, list_algorithms
-from ..masks import sparse_params
-from ..sparsifier import Sparsifier
+from ..core.masks import sparse_params
+from ..engine.sparsifier import Sparsifier
 
 __all__ = ["SparseLightningCallback"]
 
@@ -65,7 +65,7 @@ class SparseLightningCallback(Callback):
         elif isinstance(sparsity, (dict, list)):
             self.config = sparsity
         elif isinstance(sparsity, (str, Path)) and _is_config_path(sparsity):
-            from ..config import load_yaml
+            from ..experiments.config import load_yaml
 
             self.config = load_yaml(sparsity)  # read once here: a missing or malformed file fails now
         elif isinstance(sparsity, str) and sparsity.lower() in list_algorithms():
@@ -82,7 +82,7 @@ class SparseLightningCallback(Callback):
 
     def _engine(self, module: nn.Module, optimizer: Any, total_steps: int | None) -> Sparsifier:
         if self.config is not None:
-            from ..config import from_config
+            from ..experiments.config import from_config
 
             engine = from_config(module, optimizer, self.config, total_steps=total_steps, seed=self.seed)
             engine.check_ranks = self.check_ranks

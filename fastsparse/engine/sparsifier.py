@@ -20,11 +20,11 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._distributed import check_agreement
-from .algorithms.base import SparsityAlgorithm, create
-from .api import _ENGINE_OPTIMIZERS, mark_fresh
-from .masks import MaskSet, SparseParam, attach_mask, sparse_params
-from .schedules import Clock
+from .distributed import check_agreement
+from ..algorithms.base import SparsityAlgorithm, create
+from .handle import _ENGINE_OPTIMIZERS, mark_fresh
+from ..core.masks import MaskSet, SparseParam, attach_mask, sparse_params
+from ..core.schedules import Clock
 
 __all__ = ["Sparsifier"]
 

@@ -42,7 +42,7 @@ def _setup_logging(quiet: bool = False) -> None:
     logger.handlers[:] = [RichHandler(console=err_console, show_path=False, show_time=False)]
     logger.setLevel(logging.WARNING)        # the engine's own messages: warnings only
     logger.propagate = False
-    logging.getLogger("fastsparse.train").setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("fastsparse.experiments.runner").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -66,7 +66,7 @@ def train(
     """Train one experiment into <out>/<algorithm>-<config hash>/ and print its summary.
     Under ``torchrun --nproc_per_node N`` every rank trains its share of each batch (DDP);
     rank 0 writes the run folder."""
-    from .train import ResumeError, run
+    from .runner import ResumeError, run
 
     distributed = _init_distributed()
     _setup_logging(quiet or distributed and int(os.environ.get("RANK", 0)) != 0)
@@ -128,7 +128,7 @@ def validate(
 ) -> None:
     """Check a config without training: print each parameter, its algorithm and target density
     (the dry run), or every problem with its path in the config."""
-    from .train import prepare
+    from .runner import prepare
 
     try:
         experiment, notes = _load(config, set_ or [])
@@ -184,7 +184,7 @@ def compare(
     """Train every method of a suite at each sparsity over several seeds, then write report.md and plots."""
     from .config import load_suite
     from .report import write_report
-    from .train import run_suite
+    from .runner import run_suite
 
     _setup_logging()
     try:
@@ -234,7 +234,7 @@ def export(
     format: str = typer.Option("auto", "--format", help="auto (smaller of the two per tensor), bitmask or csr."),
 ) -> None:
     """Write the trained model compressed and print its size against the dense fp32 state dict."""
-    from .export import SparseFileError, export_command
+    from ..deploy.export import SparseFileError, export_command
 
     if format not in ("auto", "bitmask", "csr"):
         _fail(f"--format must be auto, bitmask or csr, got {format!r}")
@@ -251,8 +251,8 @@ def bench_inference(
     batch: str = typer.Option("1,16,128", "--batch", help="Comma-separated batch sizes."),
 ) -> None:
     """Print dense vs sparse (CSR) latency per layer and end to end."""
-    from .export import SparseFileError
-    from .inference import bench_inference_command
+    from ..deploy.export import SparseFileError
+    from ..deploy.inference import bench_inference_command
 
     try:
         batches = [int(b) for b in batch.split(",") if b.strip()]

@@ -4,7 +4,7 @@
     fastsparse convert --from rare-gems their.yaml
 
 Each source system has a converter, ``convert(text) -> dict`` (an experiment config), in
-:mod:`fastsparse.converters`; a converter may also offer ``convert_with_notes(text) -> (dict,
+:mod:`fastsparse.experiments.convert`; a converter may also offer ``convert_with_notes(text) -> (dict,
 notes)``, the notes being options of the run environment (workers, ports, save paths) and
 details where our behaviour differs, which the command line prints as YAML comments. An option
 with no equivalent raises :class:`ConversionError` naming it and what is allowed; none is
@@ -19,8 +19,8 @@ __all__ = ["ConversionError", "CONVERTERS", "convert", "convert_with_notes", "li
 
 # source name -> "module:function"; the module is imported only when that source is converted
 CONVERTERS: dict[str, str] = {
-    "suptickets": "fastsparse.converters.suptickets:convert",
-    "rare-gems": "fastsparse.converters.rare_gems:convert",
+    "suptickets": "fastsparse.experiments.convert.suptickets:convert",
+    "rare-gems": "fastsparse.experiments.convert.rare_gems:convert",
 }
 
 
@@ -41,7 +41,7 @@ def _converter(source: str, name: str | None = None) -> Callable[[str], Any] | N
 
 
 def convert(source: str, text: str) -> dict[str, Any]:
-    """Our experiment config (a dict, ready for :func:`fastsparse.config.parse_config`) for
+    """Our experiment config (a dict, ready for :func:`fastsparse.experiments.config.parse_config`) for
     ``text``: a command line (``suptickets``) or the text of a YAML file (``rare-gems``)."""
     return _converter(source)(text)
 

@@ -46,16 +46,16 @@ from .config import (
     config_hash, parse_config, plan_sparsity, resolve_config,
 )
 from .data import Dataset, check_dataset, dataset_info, load_dataset
-from .flops import LayerCost, forward_flops, layer_costs, training_flops, training_rule
+from ..core.flops import LayerCost, forward_flops, layer_costs, training_flops, training_rule
 from .models import create_model
-from .sparsifier import Sparsifier
+from ..engine.sparsifier import Sparsifier
 
 __all__ = [
     "Experiment", "prepare", "run", "RunInterrupted", "ResumeError", "run_dir_for", "lr_factor",
     "DIGITS_BASE", "SUITE_BLOCK", "suite_methods", "method_config", "run_suite",
 ]
 
-log = logging.getLogger("fastsparse.train")
+log = logging.getLogger("fastsparse.experiments.runner")
 
 
 class ResumeError(ValueError):
@@ -234,8 +234,8 @@ def _check_own_loops(algorithms: Sequence[Any], model: nn.Module, steps_per_epoc
     """Check the methods that add to the loop against the training budget: Sup-tickets (its cycles
     must fit; it learns the epoch length here) and score search (gem, edge_popup: alone, and
     GEM-MINER's rounds must reach the target). Returns the score-search algorithm, if any."""
-    from .algorithms.gems import GemMiner, _ScoreSearch
-    from .algorithms.suptickets import SupTickets, cyclic_plan
+    from ..algorithms.gems import GemMiner, _ScoreSearch
+    from ..algorithms.suptickets import SupTickets, cyclic_plan
 
     problems: list[Problem] = []
     sup = [a for a in algorithms if isinstance(a, SupTickets)]
@@ -270,7 +270,7 @@ def _check_own_loops(algorithms: Sequence[Any], model: nn.Module, steps_per_epoc
 def _final_targets(plan: SparsityPlan, sparsifier: Sparsifier, total_steps: int) -> None:
     """Put in the plan what each algorithm aims at by the end of training (a gradual method starts
     denser); the sparsity at the start stays in ``start_sparsity`` when it differs."""
-    from .schedules import Clock
+    from ..core.schedules import Clock
 
     end = Clock(total_steps, total_steps)
     final: dict[str, float] = {}
@@ -443,7 +443,7 @@ def _density_per_layer(model: nn.Module, exp: Experiment) -> dict[str, float]:
     if exp.plan is not None:
         names = [r.name for r in exp.plan.rows if r.algorithm is not None]
     else:
-        from .masks import select_params
+        from ..core.masks import select_params
         names = [sp.name for sp in select_params(model)]
     return {n: (float(masks[n].float().mean()) if n in masks else 1.0) for n in names}
 
@@ -590,7 +590,7 @@ def _loop(exp: Experiment, run_dir: Path, state: dict[str, Any] | None, progress
           extra_state: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Epochs ``first_epoch`` to ``first_epoch + config.epochs`` of the standard loop (continuing
     from ``state``, a checkpoint, if given), then the summary."""
-    from .algorithms.suptickets import SupTickets, TicketCollector
+    from ..algorithms.suptickets import SupTickets, TicketCollector
 
     config, model, opt, sched, sparsifier, data = (exp.config, exp.model, exp.optimizer, exp.scheduler,
                                                    exp.sparsifier, exp.data)
@@ -749,8 +749,8 @@ def _train_scored(exp: Experiment, run_dir: Path, state: dict[str, Any] | None, 
     as many) training the weights under the found mask at ``fine_tune_lr`` with
     ``fine_tune_lr_policy``. A checkpoint is written when the search ends and during fine-tuning;
     an interrupted search starts over (it is deterministic, so it finds the same masks)."""
-    from .algorithms.gems import freeze_bn_affine_, search
-    from .masks import attach_mask
+    from ..algorithms.gems import freeze_bn_affine_, search
+    from ..core.masks import attach_mask
 
     config, model, data, alg = exp.config, exp.model, exp.data, exp.search
     assert data is not None
@@ -777,7 +777,7 @@ def _train_scored(exp: Experiment, run_dir: Path, state: dict[str, Any] | None, 
                               "flags": [f.clone() for f in scored.flags]},
                              run_dir / f"prune_round{(epoch + 1) // period}.pt")
             if alg.sanity_checks and epoch + 1 == search_epochs:
-                from .algorithms.gems import sanity_variants
+                from ..algorithms.gems import sanity_variants
                 sanity = {k: evaluate(v, data)[1] for k, v in sanity_variants(scored, config.seed).items()}
                 _atomic_write(run_dir / "sanity.json", json.dumps(sanity, indent=1))
                 log.info("sanity checks of the found ticket (test accuracy before fine-tuning): %s",
@@ -900,7 +900,7 @@ def method_config(base: dict[str, Any], method: str, sparsity: float, seed: int,
                   block: dict[str, Any] | None = None) -> dict[str, Any]:
     """The experiment of one suite cell: ``base`` with ``method`` at ``sparsity`` (``dense``: no block);
     settings of ``block`` the method does not take are left out."""
-    from .algorithms.base import get_algorithm
+    from ..algorithms.base import get_algorithm
 
     cfg = copy.deepcopy(base)
     cfg["seed"] = seed
@@ -915,7 +915,7 @@ def method_config(base: dict[str, Any], method: str, sparsity: float, seed: int,
 
 def _probe(method: str, base: dict[str, Any], block: dict[str, Any] | None) -> str | None:
     """None if ``method`` builds at 90% sparsity and trains three steps of the standard loop; else why not."""
-    from .algorithms.base import get_algorithm
+    from ..algorithms.base import get_algorithm
 
     cls = get_algorithm(method)
     if not getattr(cls, "standard_loop", method not in _OWN_LOOP):
@@ -941,7 +941,7 @@ def _probe(method: str, base: dict[str, Any], block: dict[str, Any] | None) -> s
 def suite_methods(base: dict[str, Any] = DIGITS_BASE, block: dict[str, Any] | None = None
                   ) -> tuple[list[str], dict[str, str]]:
     """Every registered algorithm that runs in the standard loop on ``base``'s data, and the skipped ones."""
-    from .algorithms.base import list_algorithms
+    from ..algorithms.base import list_algorithms
 
     order = ["static", "set", "snfs", "rigl"]
     names = [m for m in order if m in list_algorithms()] + [m for m in list_algorithms() if m not in order]

@@ -9,13 +9,13 @@ Every key of their sample config maps to one of ours, is a setting of the run en
 (``workers``, ``name``: kept as notes), or fixes a choice that is the only one we implement
 (``conv_type: SubnetConv``, ``bn_type: NonAffineBatchNorm``, ``freeze_weights: True``,
 ``prune_type: BottomK``, ``round: naive``); another value of those raises
-:class:`~fastsparse.convert.ConversionError` saying what is allowed.
+:class:`~fastsparse.experiments.convert.ConversionError` saying what is allowed.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from ..convert import ConversionError
+from . import ConversionError
 
 __all__ = ["convert", "convert_with_notes", "KEYS"]
 

@@ -446,7 +446,7 @@ def plan_inference(
 
 def _strip_enforcement(model: nn.Module) -> None:
     """Drop the forward pre-hooks of mask enforcement (SparseHandle): not needed at inference."""
-    from .api import SparseHandle
+    from ..engine.handle import SparseHandle
     for mod in model.modules():
         for key, hook in list(mod._forward_pre_hooks.items()):
             if isinstance(getattr(hook, "__self__", None), SparseHandle):
@@ -588,7 +588,7 @@ def bench_inference(
     """Dense vs sparse latency per layer (every Linear and attention projection, timed at
     each batch size) and end to end (the model against ``to_inference`` of it).
 
-    ``model_or_file`` is a model or a file written by :func:`fastsparse.export.save_sparse`.
+    ``model_or_file`` is a model or a file written by :func:`fastsparse.deploy.export.save_sparse`.
     End-to-end timing needs ``example_input(batch)`` (a tensor or a tuple of arguments);
     it is inferred for Sequentials that start with a Linear layer and for files holding
     an MLP spec.

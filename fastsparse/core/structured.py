@@ -16,7 +16,7 @@ n_keep(G_l, s_l) of its G_l groups; over all layers (``global``) one threshold o
 layer's group scores, keeping the prefix of groups, best first, whose element count is
 closest to round((1 − s) · Σ N_l), with each layer's best group always kept so that no
 layer is emptied. With element granularity both are exact element counts and go through
-:func:`fastsparse.masks.topk_mask` (ties to the lowest index, no full sort).
+:func:`fastsparse.core.masks.topk_mask` (ties to the lowest index, no full sort).
 
 N:M (:func:`nm_mask`): in every run of M consecutive weights along the input dimension,
 keep the N with the largest scores.

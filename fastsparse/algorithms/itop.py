@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .algorithms.base import register
-from .algorithms.dst import DST
-from .schedules import Cosine, Schedule, UpdateSchedule
+from .base import register
+from .dst import DST
+from ..core.schedules import Cosine, Schedule, UpdateSchedule
 
 __all__ = ["ITOP", "ITOP_presets", "itop_drop_fraction"]
 

@@ -5,10 +5,10 @@ from typing import Any, Callable, Iterable
 
 from torch import nn
 
-from .algorithms.dst import DST
-from .masks import sparse_params
-from .schedules import UpdateSchedule
-from .scores import gradient_magnitude, gradient_momentum, random_score, weight_magnitude
+from ..algorithms.dst import DST
+from ..core.masks import sparse_params
+from ..core.schedules import UpdateSchedule
+from ..core.scores import gradient_magnitude, gradient_momentum, random_score, weight_magnitude
 from .sparsifier import Sparsifier
 
 __all__ = ["DynamicSparseTrainingOptimizerWrapper", "SET_presets", "SNFS_presets", "RigL_presets", "dst_algorithm"]

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .algorithms.base import SparsityAlgorithm
-from .distributions import check_sparsity, uniform_sparsity
-from .masks import MaskSet, attach_mask, n_keep, sparse_params, topk_mask
+from ..algorithms.base import SparsityAlgorithm
+from ..core.distributions import check_sparsity, uniform_sparsity
+from ..core.masks import MaskSet, attach_mask, n_keep, sparse_params, topk_mask
 
 __all__ = ["sparsify_model", "SparseHandle", "sparse_mask", "sparse_mask_like", "top_k_mask",
            "is_sparseable_module", "sparseable_modules"]

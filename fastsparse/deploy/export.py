@@ -1,7 +1,7 @@
 """Compressed sparse checkpoints: safetensors files a sparse model really is small in.
 
 Every tensor that has a mask (a bool ``<name>_mask`` entry of its shape in the state_dict,
-see :mod:`fastsparse.masks`) is stored as the mask's pattern plus the values under it,
+see :mod:`fastsparse.core.masks`) is stored as the mask's pattern plus the values under it,
 in one of two encodings:
 
 ``bitmask``
@@ -220,10 +220,10 @@ def _state_of(model_or_state: nn.Module | Mapping[str, Tensor]) -> Mapping[str, 
 
 def infer_model_spec(model_or_state: nn.Module | Mapping[str, Tensor]) -> dict | None:
     """``{"name": "mlp", "sizes": [...]}`` when the model is (or the state_dict has the layout
-    of) :class:`fastsparse.models.MLP`: Linear layers with biases at indices 0, 2, 4, ...
+    of) :class:`fastsparse.experiments.models.MLP`: Linear layers with biases at indices 0, 2, 4, ...
     whose shapes chain; ``None`` otherwise."""
     if isinstance(model_or_state, nn.Module):
-        from .models import MLP
+        from ..experiments.models import MLP
         if not isinstance(model_or_state, MLP):
             return None
     state = _state_of(model_or_state)
@@ -256,7 +256,7 @@ def save_sparse(
 
     ``format``: ``"auto"`` (per tensor, the smaller of bitmask and CSR), ``"bitmask"`` or
     ``"csr"``. ``model_spec``: a JSON-serialisable description of the model stored in the
-    metadata (inferred for :class:`fastsparse.models.MLP`). The file is written to a
+    metadata (inferred for :class:`fastsparse.experiments.models.MLP`). The file is written to a
     temporary name and renamed, so a crash never leaves a half-written file at ``path``.
     Returns the metadata that was written (decoded).
     """
@@ -691,6 +691,6 @@ def build_model(spec: Mapping[str, Any] | None) -> nn.Module | None:
     sizes = spec.get("sizes")
     if not isinstance(sizes, list) or len(sizes) < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
         raise SparseFileError(f"model spec {dict(spec)!r} has no valid 'sizes'")
-    from .models import MLP
+    from ..experiments.models import MLP
     return MLP(sizes)
 

@@ -20,7 +20,7 @@ at once, each with its path (``sparsity[1].update.freq: must be ≥ 1``).
 
 Flow: :func:`load_config` (file or dict, ``--set`` overrides) → :func:`parse_config`
 (types, names, keys) → :func:`plan_sparsity` (against a model: filters, overlays, groups;
-the dry run) → :func:`from_config` or :func:`fastsparse.train.run`.
+the dry run) → :func:`from_config` or :func:`fastsparse.experiments.runner.run`.
 """
 from __future__ import annotations
 
@@ -40,10 +40,10 @@ from pydantic import (
 )
 from torch import nn
 
-from .algorithms.base import SparsityAlgorithm, get_algorithm, list_algorithms
-from .distributions import DISTRIBUTIONS, resolve_sparsities
-from .masks import _DENSE_NAME_PARTS, default_param_filter, select_params
-from .schedules import Constant, Cosine, Cubic, Cyclic, Exponential, Linear, Power, Schedule, UpdateSchedule
+from ...algorithms.base import SparsityAlgorithm, get_algorithm, list_algorithms
+from ...core.distributions import DISTRIBUTIONS, resolve_sparsities
+from ...core.masks import _DENSE_NAME_PARTS, default_param_filter, select_params
+from ...core.schedules import Constant, Cosine, Cubic, Cyclic, Exponential, Linear, Power, Schedule, UpdateSchedule
 
 __all__ = [
     "Problem", "ConfigError", "ExperimentConfig", "SparsityBlock", "UpdateSpec", "SCHEDULE_TYPES",
@@ -433,7 +433,7 @@ SparsityField = Annotated[
 
 # --- the experiment ---------------------------------------------------------------------------
 class DataSpec(BaseModel):
-    """``name`` of a data set (:data:`fastsparse.data.DATASETS`), ``batch_size``, and the loader's keywords."""
+    """``name`` of a data set (:data:`fastsparse.experiments.data.DATASETS`), ``batch_size``, and the loader's keywords."""
 
     model_config = ConfigDict(extra="allow")
     name: str = "digits"
@@ -441,7 +441,7 @@ class DataSpec(BaseModel):
 
 
 class ModelSpec(BaseModel):
-    """``name`` of a model (:data:`fastsparse.models.MODELS`) and the builder's keywords."""
+    """``name`` of a model (:data:`fastsparse.experiments.models.MODELS`) and the builder's keywords."""
 
     model_config = ConfigDict(extra="allow")
     name: str = "mlp"
@@ -546,10 +546,10 @@ def _function_parameters(fn: Callable, skip: Sequence[str] = ()) -> dict[str, in
 def _component_parameters(kind: str, name: str) -> dict[str, inspect.Parameter] | None:
     """The keywords of the data loader / model builder / torch optimizer called ``name``."""
     if kind == "data":
-        from .data import DATASETS
+        from ..data import DATASETS
         return _function_parameters(DATASETS[name]) if name in DATASETS else None
     if kind == "model":
-        from .models import MODELS
+        from ..models import MODELS
         return _function_parameters(MODELS[name], ("input_shape", "num_classes")) if name in MODELS else None
     import torch
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(name)
@@ -561,8 +561,8 @@ def _check_component(raw: Any, kind: str, fixed: set[str]) -> list[Problem]:
         return []
     name = raw.get("name", {"data": "digits", "model": "mlp", "optimizer": "sgd"}[kind])
     if kind in ("data", "model"):
-        from .data import DATASETS
-        from .models import MODELS
+        from ..data import DATASETS
+        from ..models import MODELS
         names = sorted(DATASETS if kind == "data" else MODELS)
         if not isinstance(name, str) or name not in names:
             return [Problem(f"{kind}.name", f"unknown {kind} {name!r}{_suggest(str(name), names)}; valid: {names}")]
@@ -968,10 +968,10 @@ def plan_sparsity(config: ExperimentConfig | dict | list, model: nn.Module, batc
 
 def _log_summaries(plan: SparsityPlan) -> None:
     """``add_summaries: true`` (Cerebras): log which weights are sparsified, at what density, and why
-    the others stay dense (logger ``fastsparse.config``, level INFO)."""
+    the others stay dense (logger ``fastsparse.experiments.config``, level INFO)."""
     import logging
 
-    log = logging.getLogger("fastsparse.config")
+    log = logging.getLogger("fastsparse.experiments.config")
     for r in plan.rows:
         if r.algorithm is None:
             log.info("%s %s: dense (%s)", r.name, tuple(r.shape), r.note)
@@ -1116,7 +1116,7 @@ def from_config(model: nn.Module, optimizer: Any, config: str | Path | dict | li
                                                          "update": {"freq": 100, "stop": 0.75}},
                                             total_steps=10_000)
     """
-    from .sparsifier import Sparsifier
+    from ...engine.sparsifier import Sparsifier
 
     if isinstance(config, (str, Path)):
         config = load_yaml(config)

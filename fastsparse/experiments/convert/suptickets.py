@@ -5,7 +5,7 @@ optionally under ``multiproc.py``) as our experiment config.
 
 Every option either maps to a config key, or to a note (options of the run environment:
 workers, ports, log intervals, save paths; and where our behaviour differs in a detail), or
-raises :class:`fastsparse.convert.ConversionError` naming it and what is allowed. Options left
+raises :class:`fastsparse.experiments.convert.ConversionError` naming it and what is allowed. Options left
 out take the defaults of *their* script (which differ between the CIFAR and ImageNet scripts),
 so the config trains what their command trains. The facts come from the scripts' argument
 lists; see docs/coming-from/suptickets.md for the table.
@@ -18,7 +18,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..convert import ConversionError
+from . import ConversionError
 
 __all__ = ["convert", "convert_with_notes", "OPTIONS"]
 
@@ -331,7 +331,7 @@ def _data_and_model(cmd: _Command) -> tuple[dict[str, Any], dict[str, Any]]:
     config = _choice(cmd.get("--model-config"), ("classic", "fanin"), "-c/--model-config")
     data = {"name": "imagefolder", "root": cmd.positional[0], "image_size": 224, "batch_size": cmd.get("--batch-size")}
     cmd.notes.append("data: images are resized and centre-cropped to 224 once and held in memory, without their "
-                     "random-resized-crop and flip augmentation (see fastsparse.data's imagefolder for memory)")
+                     "random-resized-crop and flip augmentation (see fastsparse.experiments.data's imagefolder for memory)")
     return data, {"name": arch, "stem": "imagenet", "conv_init": "fan_in" if config == "fanin" else "fan_out"}
 
 
