@@ -7,7 +7,8 @@ import math, os, statistics, sys, time, torch
 from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import fastsparse as sparse
-from fastsparse.algorithms.suptickets import SupTickets, SupTicketsTrainer
+from fastsparse.algorithms.suptickets import SupTickets
+from fastsparse.recipes.suptickets import SupTicketsTrainer
 from fastsparse.experiments.models import MLP
 from digits_run import digits, BATCH, SIZES, run, _train
 
@@ -48,7 +49,8 @@ def sup(seed, base="rigl", cycle=5, cycle_rate=0.2, lr_1=0.001, lr_2=0.02, sup="
     return acc, taccs, tr.sparsifier.exploration_rate(), sum(int(sp.mask.sum()) for sp in tr.sparsifier.groups[0].params)
 
 import fastsparse as sparse
-from fastsparse.algorithms.gems import GemMiner, EdgePopup, search, finetune
+from fastsparse.algorithms.gems import GemMiner, EdgePopup
+from fastsparse.recipes.score_search import search, finetune
 from fastsparse.algorithms.pai import shuffle_masks
 from fastsparse.core.masks import sparse_params, attach_mask
 from fastsparse.experiments.models import MLP

@@ -21,13 +21,14 @@ from .core.schedules import (
 from .core.scores import gradient_magnitude, gradient_momentum, random_score, weight_magnitude
 from .engine.sparsifier import Sparsifier
 from .engine.distributed import MaskDisagreement
+from .engine.recipe import EntryPointRefused, Recipe
 from .algorithms import (
     GMP, IMP, SNIP, GraNet, GraSP, PaI, PruneAndGrowGlobal, PruneAndGrowUniform, PruneGlobal,
-    PruneUniform, Sparsify, SparsifyScheduler, SynFlow, Ticket, find_ticket, invert_scores,
-    prune_at_init, reinit_weights, shuffle_masks,
+    PruneUniform, Sparsify, SynFlow, invert_scores, prune_at_init, reinit_weights, shuffle_masks,
 )
-from .core.criteria import CRITERIA
-from .core.progress import ProgressSchedule
+from .recipes import SparsifyScheduler, Ticket, find_ticket
+from .core.scores import CRITERIA
+from .core.schedules import ProgressSchedule
 from .core.structured import nm_mask, prune_masks, select_masks, valid_granularities
 
 __version__ = "0.1.0"
@@ -41,15 +42,16 @@ __all__ = [
     "Sparsifier", "SparsityAlgorithm", "Static", "DST", "SET", "SNFS", "RigL",
     "drop_and_grow", "redistribute", "register", "create", "list_algorithms", "get_algorithm",
     "Clock", "Constant", "Linear", "Exponential", "Power", "Cosine", "Cubic", "Cyclic", "UpdateSchedule",
-    "MaskDisagreement",
+    "MaskDisagreement", "EntryPointRefused", "Recipe",
     "GMP", "GraNet", "PruneUniform", "PruneGlobal", "PruneAndGrowUniform", "PruneAndGrowGlobal",
     "IMP", "Ticket", "find_ticket", "Sparsify", "SparsifyScheduler", "ProgressSchedule", "CRITERIA",
     "PaI", "SNIP", "GraSP", "SynFlow", "prune_at_init", "shuffle_masks", "invert_scores", "reinit_weights",
     "select_masks", "prune_masks", "nm_mask", "valid_granularities",
 ]
 
-from .algorithms import EdgePopup, GemMiner, SupTickets, SupTicketsTrainer  # noqa: E402
+from .algorithms import EdgePopup, GemMiner, SupTickets  # noqa: E402
 from .algorithms.itop import ITOP, ITOP_presets  # noqa: E402
+from .recipes import SupTicketsTrainer  # noqa: E402
 
 __all__ += ["ITOP", "ITOP_presets", "SupTickets", "SupTicketsTrainer", "EdgePopup", "GemMiner"]
 

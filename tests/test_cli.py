@@ -81,7 +81,6 @@ sparsity:
     ({"sparsity__update": {"freq": 0}}, "sparsity.update.freq: must be ≥ 1"),
     ({"sparsity__param_filters": {"*attn*": {"drop_fraction": 0.1}}}, 'param_filters["*attn*"]: matches none'),
     ({"model__sizes": [32, 300, 100, 10]}, "sizes[0] is 32, but the data has 64 input features"),
-    ({"data": {"name": "mnist", "root": "/nonexistent/mnist"}}, "data.root: MNIST: the folder /nonexistent/mnist"),
 ])
 def test_bad_input_exits_2_with_a_message_to_act_on(tmp_path, changes, words):
     path = example_with(tmp_path, **changes)
@@ -91,6 +90,18 @@ def test_bad_input_exits_2_with_a_message_to_act_on(tmp_path, changes, words):
         assert result.exit_code == 2, result.output
         assert words in " ".join(result.stderr.split()), result.stderr
     assert not (tmp_path / "runs").exists()          # nothing was written that --resume could trust
+
+
+def test_missing_data_folder_validates_on_shapes_but_does_not_train(tmp_path):
+    path = example_with(tmp_path, data={"name": "mnist", "root": "/nonexistent/mnist"},
+                        model={"name": "mlp", "sizes": [784, 300, 100, 10]})
+    result = invoke("validate", path)
+    assert result.exit_code == 0, result.output
+    notes = " ".join(result.stderr.split())
+    assert "data.root: MNIST: the folder /nonexistent/mnist" in notes and "the dry run assumes inputs (1, 28, 28)" in notes
+    result = invoke("train", path, "--out", tmp_path / "runs")
+    assert result.exit_code == 2 and "data.root: MNIST: the folder /nonexistent/mnist" in " ".join(result.stderr.split())
+    assert not (tmp_path / "runs").exists()
 
 
 def test_balance_groups_that_do_not_divide_the_rows(tmp_path):
@@ -104,7 +115,7 @@ sparsity:
 """)
     result = invoke("validate", path)
     assert result.exit_code == 2
-    assert 'param_filters["*attn.[qkv].weight"].balance_out_groups: 3 does not divide the 16 rows' in \
+    assert 'param_filters["*attn.[qkv].weight"]: balance_out_groups=3 does not divide the 16 rows' in \
         " ".join(result.stderr.split())
 
 

@@ -161,7 +161,7 @@ def _problems_plan(block, model):
 
 
 def test_add_summaries_logs_which_weights_are_sparsified(caplog):
-    with caplog.at_level(logging.INFO, logger="fastsparse.experiments.config"):
+    with caplog.at_level(logging.INFO, logger="fastsparse.config"):
         _plan({"sparsity": 0.5, "add_summaries": True})
     text = caplog.text
     assert "0.weight (30, 64): static, target density 0.5000" in text and "0.bias (30,): dense" in text

@@ -11,9 +11,9 @@ from torch import nn
 
 import fastsparse as sparse
 from fastsparse.experiments.config import load_config, parse_config
-from fastsparse.core.criteria import CRITERIA, criterion_scores
+from fastsparse.core.scores import CRITERIA, criterion_scores
 from fastsparse.core.masks import n_keep, sparse_params
-from fastsparse.core.progress import ProgressSchedule
+from fastsparse.core.schedules import ProgressSchedule
 from fastsparse.core.structured import valid_granularities
 from fastsparse.experiments.runner import prepare, run
 

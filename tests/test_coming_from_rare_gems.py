@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from fastsparse.core.schedules import Clock
 from typer.testing import CliRunner
 
-from fastsparse.algorithms.gems import GemMiner, ScoredModel, sanity_variants, signed_constant_
+from fastsparse.algorithms.gems import GemMiner
+from fastsparse.recipes.score_search import ScoredModel, sanity_variants, signed_constant_
 from fastsparse.experiments.cli import app
 from fastsparse.experiments.config import load_config, parse_config
 from fastsparse.experiments.convert import ConversionError, convert, convert_with_notes
@@ -43,7 +46,7 @@ def test_the_sample_config_converts_to_our_example():
 def test_the_example_validates_and_runs_a_few_steps_on_tiny_data_of_its_shape(tmp_path):
     cfg, _ = parse_config(load_config(EXAMPLE))
     exp = prepare(cfg, load_data=False, require_data=False)  # the dry run: resnet20 on 3x32x32, 10 classes
-    assert exp.plan is not None and exp.search is not None and exp.search.name == "gem"
+    assert exp.plan is not None and exp.plan.algorithms[0].name == "gem" and [p.name for p in exp.phases] == ["search", "fine_tune"]
     summary = run(load_config(EXAMPLE, TINY), tmp_path, progress=False)
     assert summary["sparsity"] == pytest.approx(0.9, abs=2e-3)
     assert (Path(summary["run_dir"]) / "sanity.json").is_file()
@@ -96,10 +99,15 @@ def test_fine_tune_lr_and_fine_tune_lr_policy():
     b = block(fine_tune_lr=0.02, fine_tune_lr_policy="multistep_lr")
     assert b["fine_tune_lr"] == 0.02 and b["fine_tune_lr_policy"] == "multistep"
     alg = GemMiner(sparsity=0.5, fine_tune_lr=0.02, fine_tune_lr_policy="multistep_lr", lr_adjust=50, lr_gamma=0.1)
-    assert [alg.fine_tune_factor(e, 150) for e in (0, 49.9, 50, 120)] == pytest.approx([1, 1, 0.1, 0.01])
+    spe = 10   # steps per epoch: the factor at epoch e is the schedule's at step e · 10
+
+    def factor(a, epoch, epochs=150):
+        return a.fine_tune_schedule(spe, epochs)(Clock(round(epoch * spe), epochs * spe))
+
+    assert [factor(alg, e) for e in (0, 49.9, 50, 120)] == pytest.approx([1, 1, 0.1, 0.01])
     cos = GemMiner(sparsity=0.5, fine_tune_lr_policy="cosine_lr")
-    assert cos.fine_tune_factor(75, 150) == pytest.approx(0.5)
-    assert GemMiner(sparsity=0.5, fine_tune_lr_policy="constant_lr").fine_tune_factor(140, 150) == 1.0
+    assert factor(cos, 75) == pytest.approx(0.5)
+    assert factor(GemMiner(sparsity=0.5, fine_tune_lr_policy="constant_lr"), 140) == 1.0
 
 
 @pytest.mark.parametrize("key, bad", [("conv_type", "DenseConv"), ("bn_type", "AffineBatchNorm"),

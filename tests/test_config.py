@@ -11,8 +11,9 @@ from torch import nn
 
 import fastsparse as sparse
 from fastsparse.algorithms import base as registry
+from fastsparse.experiments.suite import load_suite
 from fastsparse.experiments.config import (
-    ConfigError, algorithm_parameters, apply_overrides, config_hash, from_config, load_config, load_suite, parse_config, plan_sparsity,
+    ConfigError, algorithm_parameters, apply_overrides, config_hash, from_config, load_config, parse_config, plan_sparsity,
     resolve_config,
 )
 from fastsparse.experiments.models import MLP, TransformerEncoder
@@ -48,19 +49,24 @@ def test_example_validates_and_plans_rigl_with_erk():
 
 @pytest.mark.parametrize("name", sparse.list_algorithms())
 def test_every_registered_algorithm_can_replace_rigl(name):
-    from fastsparse.experiments.runner import prepare
+    from fastsparse.experiments.experiment import prepare
 
     raw = example()
     raw["sparsity"]["algorithm"] = name
+    takes = algorithm_parameters(sparse.get_algorithm(name))
+    if "drop_fraction" not in takes:   # a key of another algorithm is refused, not ignored
+        assert "sparsity.drop_fraction" in problems_of(copy.deepcopy(raw))
+        del raw["sparsity"]["drop_fraction"]
+    if name == "imp":                  # IMP places its levels itself
+        assert "leave update out" in problems_of(copy.deepcopy(raw))["sparsity.update"]
+        del raw["sparsity"]["update"]
     exp = prepare(raw, load_data=False)
-    if exp.search is not None:     # score search: the engine is built after the search, on its masks
-        assert exp.search.name == name and exp.sparsifier is None
+    if exp.sparsifier is None:     # own phases (score search): the engine is built after the search, on its masks
+        assert [p.name for p in exp.phases] == ["search", "fine_tune"]
     else:
         assert {g.algorithm.name for g in exp.sparsifier.groups} == {name}
     resolved = exp.resolved["sparsity"]
     assert resolved["algorithm"] == name and resolved["sparsity"] == 0.98
-    takes = algorithm_parameters(sparse.get_algorithm(name))
-    assert ("drop_fraction" in resolved) == ("drop_fraction" in takes)   # a key it ignores is dropped
 
 
 def test_resolved_config_is_a_fixed_point_and_its_hash_is_stable():
@@ -122,7 +128,9 @@ def test_unknown_names_and_keys_suggest_the_right_one(path, value, where, words)
     ("sparsity.update.stop=-1", "sparsity.update.stop", "≥ 0"),
     ("sparsity.update=[0, 5]", "sparsity.update.steps[0]", "must be ≥ 1"),
     ("sparsity.init_method=magnitude", "sparsity.init_method", "must be one of"),
-    ("sparsity.balance_out_groups=0", "sparsity.balance_out_groups", "must be ≥ 1"),
+    ("sparsity.balance_out_groups=0", "sparsity.balance_out_groups", "≥ 1"),
+    ("sparsity.balance_out_groups=two", "sparsity.balance_out_groups", "must be an integer"),
+    ("sparsity.drop_fraction={type: cosine, init: 1.5}", "sparsity.drop_fraction", "init"),
     ("data.batch_size=0", "data.batch_size", "must be ≥ 1"),
     ("optimizer.lr=0", "optimizer.lr", "must be > 0"),
     ("sparsity=3", "sparsity", "must be a sparsity block"),
@@ -140,12 +148,13 @@ def test_dense_as_an_algorithm_name_explains_how_to_train_dense():
 
 def test_balance_groups_on_a_method_without_them_is_an_error():
     found = problems_of(apply_overrides(example(), ["sparsity.algorithm=static", "sparsity.balance_out_groups=2"]))
-    assert "static has no balance_out_groups" in found["sparsity.balance_out_groups"]
+    assert "unknown key for algorithm 'static'" in found["sparsity.balance_out_groups"]
 
 
-def test_keys_the_method_ignores_are_notes_not_errors():
-    _, notes = parse_config(apply_overrides(example(), ["sparsity.algorithm=static"]))
-    assert notes == ["sparsity.drop_fraction: static does not use drop_fraction; ignored"]
+def test_keys_of_another_algorithm_are_errors():
+    found = problems_of(apply_overrides(example(), ["sparsity.algorithm=static"]))
+    assert found == {"sparsity.drop_fraction": found["sparsity.drop_fraction"]}
+    assert "unknown key for algorithm 'static'" in found["sparsity.drop_fraction"]
 
 
 def test_batch_size_given_twice_differently_is_an_error():
@@ -197,7 +206,7 @@ def test_a_sparsity_schedule_goes_to_a_method_that_takes_one_and_is_refused_by_o
 def test_update_as_a_list_of_steps():
     cfg, _ = parse_config(apply_overrides(example(), ["sparsity.update=[10, 20, 40]"]))
     alg = plan_sparsity(cfg, MLP([64, 300, 100, 10])).algorithms[0]
-    assert alg.update.steps == [10, 20, 40]
+    assert alg.update.steps == (10, 20, 40)
     assert alg.update.is_update(Clock(20, 100)) and not alg.update.is_update(Clock(30, 100))
 
 
@@ -360,8 +369,8 @@ def test_balance_groups_that_do_not_divide_the_rows_are_errors():
     with pytest.raises(ConfigError) as info:
         plan_sparsity(cfg, model)
     (problem,) = info.value.problems
-    assert problem.path == 'sparsity.param_filters["*attn.q.weight"].balance_out_groups'
-    assert "5 does not divide the 16 rows of layers.0.attn.q.weight" in problem.message
+    assert problem.path == 'sparsity.param_filters["*attn.q.weight"]'
+    assert "balance_out_groups=5 does not divide the 16 rows of layers.0.attn.q.weight" in problem.message
     with pytest.raises(ValueError, match="does not divide"):
         sparse.Sparsifier(MLP([8, 6, 4]), None, sparse.RigL(balance_in_groups=3), hook=False)
     with pytest.raises(ValueError, match="redistribution='none'"):
@@ -386,7 +395,7 @@ def test_suite_files_are_validated(tmp_path):
 # --- the shipped examples ------------------------------------------------------------------------
 @pytest.mark.parametrize("path", sorted((EXAMPLE.parent).glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_example_validates(path, tmp_path):
-    from fastsparse.experiments.runner import prepare
+    from fastsparse.experiments.experiment import prepare
 
     raw = load_config(path)
     if "methods" in raw or "base" in raw:                   # a compare suite
@@ -409,5 +418,5 @@ def test_every_shipped_example_validates(path, tmp_path):
     if raw.get("sparsity") is None:                         # a dense baseline
         assert exp.sparsifier is None and exp.plan is None
         return
-    assert exp.sparsifier is not None or exp.search is not None
+    assert exp.sparsifier is not None or [p.name for p in exp.phases] == ["search", "fine_tune"]
     assert exp.plan is not None and exp.plan.rows

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fastsparse as sparse
-from fastsparse.core.criteria import CRITERIA, criterion_scores
-from fastsparse.core.progress import ProgressSchedule, as_progress_schedule
+from fastsparse.core.scores import CRITERIA, criterion_scores
+from fastsparse.core.schedules import ProgressSchedule, as_progress_schedule
 from fastsparse.core.schedules import Clock, Cubic
 
 from helpers import batch, mlp, train_steps

@@ -24,13 +24,13 @@ from fastai.basics import (
 from fastai.callback.all import GradientAccumulation  # (fastai.callback.all also adds fit_one_cycle)
 
 import fastsparse as sparse
-from fastsparse.core.criteria import large_final
+from fastsparse.core.scores import large_final
 from fastsparse.experiments.data import load_digits_split
 from fastsparse.integrations.fastai import (
     STATE_KEY, DynamicSparseTrainingCallback, SparseTrainingCallback, SparsifyCallback, saved_state,
 )
 from fastsparse.core.masks import n_keep, sparse_params
-from fastsparse.core.progress import iterative
+from fastsparse.core.schedules import iterative
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRESETS = {"set": sparse.SET_presets, "snfs": sparse.SNFS_presets, "rigl": sparse.RigL_presets}

@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 import fastsparse as sparse
-from fastsparse.algorithms.gems import (
-    EdgePopup, GemMiner, ScoredModel, finetune, hc_iter_keep_counts, search,
-)
+from fastsparse.algorithms.gems import EdgePopup, GemMiner, hc_iter_keep_counts
+from fastsparse.recipes.score_search import ScoredModel, finetune, search
 from fastsparse.algorithms.pai import reinit_weights, shuffle_masks
 from fastsparse.core.masks import n_keep, sparse_params
 
@@ -137,7 +136,6 @@ def test_gem_search_attaches_ordinary_masks_at_the_target():
     # the engine and the registry see an ordinary masked model
     engine = sparse.Sparsifier(model, None, "static")
     assert engine.sparsity() == pytest.approx(1 - n_keep(total, 0.8) / total)
-    assert set(alg.found) == {"conv.weight", "fc.weight"}
 
 
 def test_without_unflag_the_mask_also_needs_scores_above_half():
@@ -174,15 +172,15 @@ def test_finetune_trains_the_weights_under_the_fixed_mask():
         finetune(mlp(), _data(), _loss, epochs=1)
 
 
-def test_registered_classes_reuse_a_found_ticket_and_round_trip():
+@pytest.mark.parametrize("name", ["gem", "edge_popup"])
+def test_the_engine_refuses_a_score_search_and_says_how_to_run_it(name):
+    # before the contract, the engine took gem/edge_popup as a random static mask: no search at all
     model = mlp((8, 16, 4))
-    alg = GemMiner(sparsity=0.5, iter_period=1)
-    search(model, alg, _data(), _loss, epochs=3)
-    fresh = sparse.create("gem", sparsity=0.5)
-    fresh.load_state_dict(alg.state_dict())
-    twin = mlp((8, 16, 4))
-    sparse.Sparsifier(twin, None, fresh)
-    assert all(torch.equal(a.mask, b.mask) for a, b in zip(sparse_params(model), sparse_params(twin)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sparse.EntryPointRefused, match=rf"{name} trains scores .*search\(\.\.\.\) then "
+                                                       rf"finetune\(\.\.\.\), or `fastsparse train`"):
+        sparse.Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), sparse.create(name, sparsity=0.5))
+    assert not sparse_params(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def _digits_gem(seed=0, epochs=41):

@@ -206,7 +206,7 @@ def test_granet_regrowth_with_constant_decay_schedule_by_hand():
     nn.functional.cross_entropy(model(x), y).backward()
     clock = Clock(90, 100)                      # after the pruning window: pruned to the final 90%
     pruned = alg.prune(params, clock)
-    new = alg.update_masks(params, opt, clock, seed=0)
+    new = alg.update_masks(params, opt, clock, seed=0).masks
     total = sum(sp.mask.numel() for sp in params)
     assert sum(int(p.sum()) for p in pruned) == round(0.1 * total)
     for p, n in zip(pruned, new):

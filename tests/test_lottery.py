@@ -1,4 +1,5 @@
 """Lottery tickets: IMP by levels with rewinding, and the in-fit sparsify scheduler (lth)."""
+import copy
 import math
 
 import pytest
@@ -77,7 +78,7 @@ def test_imp_levels_nested_and_at_08_power(scope):
 def test_imp_prunes_the_smallest_surviving_weights():
     torch.manual_seed(1)
     model = mlp((8, 40, 30, 4))
-    engine = sparse.Sparsifier(model, None, sparse.IMP(0.9, scope="global"), hook=False)
+    engine = sparse.Sparsifier(model, _sgd(model), sparse.IMP(0.9, scope="global"), total_steps=1000)
     params = engine.groups[0].params
     alg = engine.groups[0].algorithm
     new = alg.level_masks(params, 1)
@@ -148,20 +149,57 @@ def test_imp_bad_input():
         sparse.IMP(0.9, prune_fraction=1.0)
 
 
-def test_imp_as_an_in_run_algorithm():
+def _global_batches(n=14, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
+
+
+def test_imp_in_one_run_is_find_ticket_with_the_same_batches():
+    # levels spread over 14 steps: T_0 = ⌈(14 + 2 · 2) / 3⌉ = 6, boundaries 6 and 10, rewinding to step 2
+    batches = _global_batches()
     torch.manual_seed(0)
-    model = mlp((8, 40, 30, 4))
-    opt = _sgd(model)
-    alg = sparse.IMP(0.9, update=sparse.UpdateSchedule(steps=[3, 6]), scope="local")
-    engine = sparse.Sparsifier(model, opt, alg)
-    x, y = batch()
-    for _ in range(8):
+    init = mlp((8, 40, 30, 4))
+    ref, run = copy.deepcopy(init), copy.deepcopy(init)
+    used = iter(batches)
+
+    def train_fn(model, opt, sched, start):
+        for _ in range(start, 6):
+            x, y = next(used)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+
+    ticket = sparse.find_ticket(ref, train_fn, _sgd, sparsity=0.75, prune_fraction=0.5, rewind_step=2,
+                                make_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 6),
+                                scope="local", total_steps=6)
+    opt = _sgd(run)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 6)   # the user's schedule, over one level
+    engine = sparse.Sparsifier(run, opt, sparse.IMP(0.75, prune_fraction=0.5, rewind_step=2, scope="local"),
+                               total_steps=14)
+    assert engine.schedule_steps() == 6 and engine.groups[0].algorithm.plan(engine.clock()).boundaries == (6, 10)
+    for x, y in batches:
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(run(x), y).backward()
         opt.step()
-    assert alg.level == 2 and alg.state_dict() == {"level": 2}
-    for sp in engine.groups[0].params:
-        assert int(sp.mask.sum()) == round(0.64 * sp.mask.numel())
+        sched.step()
+    assert [r["step"] for r in engine.history] == [6, 10]
+    for name, mask in ticket.masks.items():
+        assert torch.equal(dict(run.named_buffers())[name + "_mask"], mask)
+        assert int(mask.sum()) == round(0.25 * mask.numel())
+    for (n, a), b in zip(ref.state_dict().items(), run.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_imp_refuses_what_cannot_reach_its_target():
+    model = mlp()
+    with pytest.raises(ValueError, match="leave update out"):
+        sparse.IMP(0.9, update=sparse.UpdateSchedule(steps=[3, 6]))
+    with pytest.raises(ValueError, match="pass total_steps"):
+        sparse.Sparsifier(model, _sgd(model), sparse.IMP(0.9))
+    with pytest.raises(ValueError, match=r"11 levels .* 20 training steps are too few"):
+        sparse.Sparsifier(model, _sgd(model), sparse.IMP(0.9), total_steps=20)
+    assert not sparse.sparse_params(model)
 
 
 # --- in-fit lottery tickets (fasterai's lth=True) ---------------------------------------------------

@@ -6,11 +6,10 @@ import torch
 from torch import nn
 
 import fastsparse as sparse
-from fastsparse.algorithms.suptickets import (
-    SupTickets, SupTicketsTrainer, cyclic_lr, cyclic_plan, superpose,
-)
+from fastsparse.algorithms.suptickets import SupTickets, cyclic_plan
+from fastsparse.recipes.suptickets import SupTicketsTrainer, superpose
 from fastsparse.core.masks import n_keep, sparse_params
-from fastsparse.core.schedules import Clock
+from fastsparse.core.schedules import Clock, Cyclic
 
 from helpers import ConvNet, mlp
 
@@ -27,8 +26,8 @@ def _data(n_batches=4, model_in=8, classes=4, seed=0, image=False):
 
 @pytest.mark.parametrize("t, lr", [(0.0, 0.001), (0.25, 0.003), (0.5, 0.005), (0.75, 0.003), (0.9, 0.0018)])
 def test_cyclic_lr_hand_worked(t, lr):
-    # t < 0.5: lr_1 (1 − 2t) + lr_2 · 2t;  t ≥ 0.5: lr_1 (2t − 1) + lr_2 (2 − 2t)
-    assert cyclic_lr(t, 0.001, 0.005) == pytest.approx(lr)
+    # t < 0.5: lr_1 (1 − 2t) + lr_2 · 2t;  t ≥ 0.5: lr_1 (2t − 1) + lr_2 (2 − 2t), a period of 20 steps
+    assert Cyclic(0.001, 0.005, 20)(Clock(round(t * 20))) == pytest.approx(lr)
 
 
 def test_plans_of_the_reference_recipes():
@@ -102,10 +101,12 @@ def test_tickets_differ_in_weights_and_masks_and_the_live_model_is_trained():
     params = tr.sparsifier.groups[0].params
     counts = [int(sp.mask.sum()) for sp in params]
     tr.fit()
-    assert [t.step for t in tr.tickets] == [24, 32, 40]
-    # the learning rate the driver set in the cyclic phase is the formula's
+    # the model at the end of the base phase is the first member (as in the authors' code), then a ticket a cycle
+    assert [(t.step, t.base) for t in tr.tickets] == [(16, True), (24, False), (32, False), (40, False)]
+    cycle = tr.tickets[1:]
+    # the learning rate the engine set in the cyclic phase is the formula's
     assert tr.lrs[16:] == pytest.approx([plan.lr(s) for s in range(16, 40)])
-    for a, b in zip(tr.tickets, tr.tickets[1:]):
+    for a, b in zip(cycle, cycle[1:]):
         moved = shared = 0
         for sp in params:
             assert not torch.equal(a.masks[sp.name], b.masks[sp.name])          # its own mask
@@ -121,11 +122,15 @@ def test_tickets_differ_in_weights_and_masks_and_the_live_model_is_trained():
         assert not torch.equal(a.state[last_bias], b.state[last_bias])
     # the optimizer still holds the model's parameters (no stale copy after superposition)
     assert {id(p) for g in tr.optimizer.param_groups for p in g["params"]} == {id(p) for p in tr.model.parameters()}
-    # the superposed network: the running mean of the tickets, pruned back to the target count
+    # the superposed network: the running mean of the base model and the 3 tickets (weights 1/4
+    # each), pruned back to the target count
     mean = superpose([t.state for t in tr.tickets], "caa")
+    quarter = sum(t.state[params[0].name] for t in tr.tickets) / 4
+    assert torch.allclose(mean[params[0].name], quarter, atol=1e-6)
     union_total = 0
     for sp in params:
-        union = tr.tickets[0].masks[sp.name] | tr.tickets[1].masks[sp.name] | tr.tickets[2].masks[sp.name]
+        union = cycle[0].masks[sp.name] | cycle[1].masks[sp.name] | cycle[2].masks[sp.name] | \
+            tr.tickets[0].masks[sp.name]
         union_total += int(union.sum())
         assert not (sp.mask & ~union).any()
         assert torch.equal(sp.param.detach(), mean[sp.name] * sp.mask)
@@ -169,7 +174,7 @@ def test_bn_statistics_are_re_estimated_after_superposition():
     tr.fit()
     bn = tr.model.bn
     stats = bn.running_mean.clone(), bn.running_var.clone()
-    assert not torch.equal(stats[0], tr._superposer.state["bn.running_mean"])
+    assert not torch.equal(stats[0], tr.recipe.superposer.state["bn.running_mean"])
     torch.optim.swa_utils.update_bn((b[0] for b in data), tr.model)   # again: the same statistics
     assert torch.allclose(bn.running_mean, stats[0]) and torch.allclose(bn.running_var, stats[1])
 
@@ -180,7 +185,7 @@ def test_on_granet():
     params = tr.sparsifier.groups[0].params
     total = sum(sp.param.numel() for sp in params)
     assert sum(int(sp.mask.sum()) for sp in params) == n_keep(total, 0.8)
-    assert len(tr.tickets) == 3
+    assert len(tr.tickets) == 1 + 3   # the base model and a ticket per cycle
 
 
 def test_the_steps_per_epoch_must_match_the_data():
@@ -195,12 +200,12 @@ def test_as_a_registered_algorithm_in_the_engine():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     alg = sparse.create("suptickets", sparsity=0.8, cycle=2, cycle_rate=0.5,
                         base_kwargs={"update": sparse.UpdateSchedule(freq=2)})
-    engine = sparse.Sparsifier(model, opt, alg, total_steps=20)
+    engine = sparse.Sparsifier(model, opt, alg, total_steps=20, steps_per_epoch=1)
     from helpers import batch, train_steps
     train_steps(model, opt, 20, *batch())
     # base (RigL every 2 steps) until step 10, then re-explorations at 10, 12, 14, 16, 18
     assert [r["step"] for r in engine.history] == [2, 4, 6, 8, 10, 12, 14, 16, 18]
-    assert alg.is_update(Clock(10, 20)) and not alg.is_update(Clock(11, 20))
+    assert alg.is_update(Clock(10, 20, epoch_steps=1)) and not alg.is_update(Clock(11, 20, epoch_steps=1))
     with pytest.raises(ValueError, match="total_steps"):
         alg.plan(None)
 
@@ -237,7 +242,7 @@ def test_digits_end_to_end_one_seed():
     assert acc >= 0.93
     params = tr.sparsifier.groups[0].params
     assert sum(int(sp.mask.sum()) for sp in params) == sum(int(tr.tickets[-1].masks[sp.name].sum()) for sp in params)
-    assert len(tr.tickets) == 4
+    assert len(tr.tickets) == 1 + 4
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from fastsparse.experiments.config import DIGITS_BASE
+from fastsparse.experiments.suite import DIGITS_BASE
 from fastsparse.experiments.runner import run
 
 CFG = {**copy.deepcopy(DIGITS_BASE), "epochs": 8, "model": {"name": "mlp", "sizes": [64, 128, 10]},

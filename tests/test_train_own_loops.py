@@ -13,9 +13,14 @@ import yaml
 from typer.testing import CliRunner
 
 from fastsparse.algorithms.gems import hc_iter_keep_counts
-from fastsparse.algorithms.suptickets import cyclic_lr
+from fastsparse.core.schedules import Clock, Cyclic
+
+
+def cyclic_lr(t, lr_1, lr_2, period=12000):   # t = k / 12 lands on a whole step
+    return Cyclic(lr_1, lr_2, period)(Clock(round(t * period)))
 from fastsparse.experiments.cli import app
-from fastsparse.experiments.config import DIGITS_BASE, ConfigError
+from fastsparse.experiments.config import ConfigError
+from fastsparse.experiments.suite import DIGITS_BASE
 from fastsparse.experiments.runner import RunInterrupted, prepare, run
 
 # digits with a small MLP and large batches: 6 steps per epoch
@@ -67,9 +72,10 @@ def test_suptickets_config_runs_the_cycles_saves_tickets_and_superposes(tmp_path
     # the superposed model is pruned back to exactly the target count
     assert summary["sparsity"] == pytest.approx(0.9, abs=2e-3)
     assert summary["test_accuracy"] == m[-1]["test_accuracy"]
-    state = torch.load(Path(summary["run_dir"]) / "checkpoint.pt", weights_only=False)
-    assert len(state["suptickets"]["tickets"]) == 2
-    t1, t2 = (t[2] for t in state["suptickets"]["tickets"])
+    state = torch.load(Path(summary["run_dir"]) / "checkpoint.pt", weights_only=True)
+    tickets = state["sparsifier"]["recipes"][0]["tickets"]
+    assert [t[3] for t in tickets] == [True, False, False]   # the base model, then a ticket per cycle
+    t1, t2 = (t[2] for t in tickets[1:])
     assert any(not torch.equal(t1[k], t2[k]) for k in t1)              # re-exploration: each ticket its own mask
     model = torch.load(Path(summary["run_dir"]) / "model.pt", weights_only=True)
     for name, mask in model.items():

@@ -1,13 +1,32 @@
 """The contract every sparsity method keeps, and the registry of methods by name.
 
 An algorithm decides; the engine (:class:`fastsparse.Sparsifier`) applies. An algorithm
-says which parameters it acts on, their initial masks, when masks change, and what the
-new masks are. It never touches weights, optimizer state or hooks itself.
+says which parameters it acts on, their initial masks, when masks change and what the new
+masks are; every decision is a pure function of what it is given (weights, gradients,
+optimizer state, the clock), testable on a handful of numbers. It never touches weights,
+optimizer state or hooks itself.
+
+The life cycle the engine drives::
+
+    select(model)                              which parameters (pure)
+    initial_sparsities(params)                 per-layer targets at attach
+    initial_masks(params, sparsities, setup)   first masks; ``setup`` brings the model, the
+                                               optimizer, a data batch and the seed explicitly
+    every optimizer step:
+      is_update(clock) -> update_masks(params, optimizer, clock, seed)   new masks (pure)
+      commit(params, clock)                    the engine installed them: advance own state
+    state_dict() / load_state_dict()
+
+What a method does *around* its decisions (set the learning rate, save tickets, rewind
+weights, superpose, run a search phase) is its recipe: ``recipe`` names a
+:class:`fastsparse.engine.recipe.Recipe` class (or its import path), which every entry
+point runs through the engine, or refuses.
 """
 from __future__ import annotations
 
 import difflib
 import zlib
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
@@ -18,7 +37,7 @@ from ..core.masks import SparseParam, n_keep, select_params, topk_mask
 from ..core.schedules import Clock, UpdateSchedule
 
 __all__ = [
-    "SparsityAlgorithm", "register", "create", "list_algorithms", "get_algorithm",
+    "SparsityAlgorithm", "Setup", "MaskUpdate", "register", "create", "list_algorithms", "get_algorithm",
     "generator_for", "INIT_METHODS",
 ]
 
@@ -29,6 +48,27 @@ def generator_for(seed: int, step: int, name: str) -> torch.Generator:
     """A CPU generator seeded from (seed, step, crc32(name)): the same on every rank and rerun."""
     key = zlib.crc32(f"{int(seed)}:{int(step)}:{name}".encode())
     return torch.Generator().manual_seed(key)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the initial-mask step may use, handed over explicitly by the engine: the ``model``
+    (methods that score through it: SNIP, GraSP, SynFlow), the ``optimizer``, one data ``batch``
+    ``(inputs, targets)`` (or None when the entry point has no data) and the ``seed``."""
+
+    seed: int = 0
+    model: nn.Module | None = None
+    optimizer: Any = None
+    batch: Any = None
+
+
+@dataclass(frozen=True)
+class MaskUpdate:
+    """New masks, with the positions whose weights and optimizer state start again at 0 when
+    that is more than ``new & ~old`` (a weight pruned and regrown in the same update: GraNet)."""
+
+    masks: list[Tensor]
+    grown: list[Tensor] | None = None
 
 
 class SparsityAlgorithm:
@@ -47,6 +87,13 @@ class SparsityAlgorithm:
 
     name: ClassVar[str] = "static"
     keeps_count: ClassVar[bool] = True  # the number of active weights per layer never changes
+    # what the method does around its decisions: a Recipe class or "module:Class" (None: nothing)
+    recipe: ClassVar[Any] = None
+    # what the initial masks need beyond the weights: "batch" (a data batch), "gradients"
+    # (``.grad`` of the selected weights on a batch, computed by the engine when absent)
+    needs: ClassVar[frozenset] = frozenset()
+    # set to the reason a comparison of methods at fixed sparsities leaves this one out
+    comparison_note: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -80,7 +127,8 @@ class SparsityAlgorithm:
         return resolve_sparsities(self.distribution, [tuple(p.param.shape) for p in params], self.sparsity)
 
     @torch.no_grad()
-    def initial_masks(self, params: Sequence[SparseParam], sparsities: Sequence[float], seed: int) -> list[Tensor]:
+    def initial_masks(self, params: Sequence[SparseParam], sparsities: Sequence[float], setup: Setup) -> list[Tensor]:
+        seed = setup.seed
         masks = []
         for sp, s in zip(params, sparsities):
             w = sp.param.detach()
@@ -98,9 +146,15 @@ class SparsityAlgorithm:
     def is_update(self, clock: Clock) -> bool:
         return self.update is not None and self.update.is_update(clock)
 
-    def update_masks(self, params: Sequence[SparseParam], optimizer, clock: Clock, seed: int) -> list[Tensor] | None:
-        """New masks for ``params`` (same order), or None to leave them. Must not modify anything."""
+    def update_masks(self, params: Sequence[SparseParam], optimizer, clock: Clock, seed: int
+                     ) -> list[Tensor] | MaskUpdate | None:
+        """New masks for ``params`` (same order), or None to leave them. Must not modify anything:
+        the algorithm's own state advances in :meth:`commit`."""
         return None
+
+    def commit(self, params: Sequence[SparseParam], clock: Clock) -> None:
+        """Called by the engine after it installed the masks :meth:`update_masks` returned at
+        ``clock`` (weights already masked): the one place where the algorithm's state advances."""
 
     def target_sparsities(self, params: Sequence[SparseParam], clock: Clock) -> list[float] | None:
         """What the method aims at now, for reports; None means 'what the masks hold'."""

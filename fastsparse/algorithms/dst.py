@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from ..core.masks import SparseParam, n_keep, topk_mask
-from ..core.schedules import Clock, Cosine, Schedule, UpdateSchedule, as_schedule
-from ..core.scores import accepts_generator, resolve_score
-from .base import SparsityAlgorithm, generator_for, register
+from ..core.schedules import Clock, Cosine, Schedule, UpdateSchedule, check_levels
+from ..core.scores import accepts_generator, checked_score, resolve_score
+from .base import Setup, SparsityAlgorithm, generator_for, register
 
 __all__ = ["drop_and_grow", "grow_into", "set_drop", "threshold_drop", "layer_scores", "redistribute", "DST", "SET",
            "SNFS", "RigL", "REDISTRIBUTIONS", "DROP_RULES"]
@@ -199,6 +199,7 @@ class DST(SparsityAlgorithm):
     name = "dst"
     default_grow = "gradient"
     default_redistribution = "none"
+    comparison_note = "generic base class (its defaults are rigl's)"
 
     def __init__(
         self,
@@ -221,14 +222,12 @@ class DST(SparsityAlgorithm):
             raise ValueError(f"drop_threshold must be a number ≥ 0, got {drop_threshold!r}")
         update = update if update is not None else UpdateSchedule(freq=100, stop=0.75)
         super().__init__(sparsity, distribution, update=update, **kwargs)
+        check_levels(drop_fraction, 0.0, 1.0, "drop_fraction")
         if isinstance(drop_fraction, Schedule):
             self.drop_fraction = drop_fraction
         else:
-            alpha = float(drop_fraction)
-            if not 0.0 <= alpha <= 1.0:
-                raise ValueError(f"drop_fraction must be in [0, 1], got {alpha}")
             stop = update.stop if update.stop is not None else 1.0
-            self.drop_fraction = Cosine(alpha, half_period=stop)
+            self.drop_fraction = Cosine(float(drop_fraction), half_period=stop)
         self.keep_score = resolve_score(keep_score, "keep score")
         self.grow_score = resolve_score(grow_score or self.default_grow, "grow score")
         self.redistribution = (redistribution or self.default_redistribution).lower()
@@ -258,9 +257,10 @@ class DST(SparsityAlgorithm):
         return super().initial_sparsities(params)
 
     @torch.no_grad()
-    def initial_masks(self, params: Sequence[SparseParam], sparsities: Sequence[float], seed: int) -> list[Tensor]:
+    def initial_masks(self, params: Sequence[SparseParam], sparsities: Sequence[float], setup: Setup) -> list[Tensor]:
         if self._balance is None:
-            return super().initial_masks(params, sparsities, seed)
+            return super().initial_masks(params, sparsities, setup)
+        seed = setup.seed
         dim, groups = self._balance
         masks = []
         for sp, s in zip(params, sparsities):
@@ -274,15 +274,7 @@ class DST(SparsityAlgorithm):
 
     def _score(self, fn, sp: SparseParam, optimizer, seed: int, step: int, what: str) -> Tensor:
         kwargs = {"generator": generator_for(seed, step, sp.name)} if accepts_generator(fn) else {}
-        score = fn(sp.param, optimizer, **kwargs)
-        if not isinstance(score, Tensor) or tuple(score.shape) != tuple(sp.param.shape):
-            got = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
-            raise ValueError(
-                f"{what} function {getattr(fn, '__name__', fn)} returned {got} for {sp.name}; "
-                f"it must return a tensor of the parameter's shape {tuple(sp.param.shape)}")
-        if torch.isnan(score).any():
-            raise ValueError(f"{what} function {getattr(fn, '__name__', fn)} returned NaN for {sp.name}")
-        return score.detach()
+        return checked_score(fn(sp.param, optimizer, **kwargs), sp.param, what, fn, sp.name).detach()
 
     @torch.no_grad()
     def update_masks(self, params, optimizer, clock: Clock, seed: int) -> list[Tensor] | None:
@@ -324,6 +316,7 @@ class SET(DST):
 
     name = "set"
     default_grow = "random"
+    comparison_note = None
 
 
 @register
@@ -332,6 +325,7 @@ class RigL(DST):
 
     name = "rigl"
     default_grow = "gradient"
+    comparison_note = None
 
 
 @register
@@ -342,6 +336,7 @@ class SNFS(DST):
     name = "snfs"
     default_grow = "momentum"
     default_redistribution = "momentum"
+    comparison_note = None
 
 
 register(DST)

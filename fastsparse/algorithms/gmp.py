@@ -25,7 +25,7 @@ from ..core.distributions import check_sparsity, resolve_sparsities
 from ..core.masks import SparseParam
 from ..core.schedules import Clock, Cosine, Cubic, Schedule, UpdateSchedule, When
 from ..core.structured import check_scope, group_active, group_scores, resolve_dims, select_masks
-from .base import SparsityAlgorithm, register
+from .base import MaskUpdate, Setup, SparsityAlgorithm, register
 from .dst import drop_and_grow
 
 __all__ = ["GMP", "GraNet", "PruneInit", "PruneUniform", "PruneGlobal", "PruneAndGrowUniform",
@@ -184,7 +184,9 @@ class GraNet(GMP):
             keep = group_scores(sp.param.detach().abs(), d)
             grow = group_scores(sp.param.grad.detach().abs(), d)
             out.append(drop_and_grow(active, keep, grow, n, n).expand(mask.shape).clone())
-        return out
+        # every weight regrown after this update's pruning starts at 0 with zeroed state, also
+        # one that the pruning step had just removed (it is not new to the old mask)
+        return MaskUpdate(out, [new & ~p for new, p in zip(out, pruned)])
 
 
 class PruneInit(SparsityAlgorithm):
@@ -219,7 +221,7 @@ class PruneInit(SparsityAlgorithm):
         return [1.0 - (1.0 - s) * z / n for s, z, n in zip(self._layer_fractions(params), nnz, numel)]
 
     @torch.no_grad()
-    def initial_masks(self, params: Sequence[SparseParam], sparsities: Sequence[float], seed: int) -> list[Tensor]:
+    def initial_masks(self, params: Sequence[SparseParam], sparsities: Sequence[float], setup: Setup) -> list[Tensor]:
         if self.regrow:
             missing = [sp.name for sp in params if sp.param.grad is None]
             if missing:
@@ -261,6 +263,8 @@ class PruneGlobal(PruneInit):
 class PruneAndGrowUniform(PruneInit):
     name = "prune_and_grow_uniform"
     regrow = True
+    needs = frozenset({"gradients"})
+    comparison_note = "a pruning-stability test: it keeps the density it starts from (dense here)"
 
 
 @register
@@ -268,3 +272,5 @@ class PruneAndGrowGlobal(PruneInit):
     name = "prune_and_grow_global"
     scope = "global"
     regrow = True
+    needs = frozenset({"gradients"})
+    comparison_note = "a pruning-stability test: it keeps the density it starts from (dense here)"

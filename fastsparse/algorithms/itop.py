@@ -39,6 +39,7 @@ class ITOP(DST):
 
     name = "itop"
     default_grow = "random"
+    comparison_note = None
 
     def __init__(
         self,

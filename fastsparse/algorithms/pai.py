@@ -31,7 +31,7 @@ from torch.func import functional_call
 from ..core.distributions import check_sparsity, resolve_sparsities
 from ..core.masks import SparseParam, attach_mask, select_params, sparse_params
 from ..core.structured import check_scope, select_masks
-from .base import SparsityAlgorithm, generator_for, register
+from .base import Setup, SparsityAlgorithm, generator_for, register
 
 __all__ = [
     "PAI_METHODS", "snip_scores", "grasp_scores", "hessian_gradient_product", "synflow_scores",
@@ -282,16 +282,16 @@ def reinit_weights(model: nn.Module, seed: int = 0) -> None:
 # --- as registered algorithms ----------------------------------------------------------------------
 @register
 class PaI(SparsityAlgorithm):
-    """A pruning-at-initialisation method as a static algorithm: masks scored once at attach.
+    """A pruning-at-initialisation method as a static algorithm: masks scored once at attach,
+    through the model the engine hands over (:class:`~fastsparse.algorithms.base.Setup`).
 
-    method: one of :data:`PAI_METHODS`; batch: (inputs, targets) for SNIP and GraSP;
-    input_shape: SynFlow's input (read from ``batch`` or the first Linear layer otherwise).
-    The model scored is the one the engine selects parameters from.
+    method: one of :data:`PAI_METHODS`; batch: (inputs, targets) for SNIP and GraSP (default:
+    the engine's data, ``Sparsifier(..., data=loader)``); input_shape: SynFlow's input (read
+    from the batch, or the first Linear layer otherwise).
     """
 
     name = "pai"
     method = "magnitude"
-    needs_data = False
 
     def __init__(self, sparsity: float = 0.9, method: str | None = None, batch: Batch | None = None,
                  scope: str = "global", distribution: str | Callable = "uniform",
@@ -300,34 +300,31 @@ class PaI(SparsityAlgorithm):
                  dtype: torch.dtype = torch.float64, **kwargs):
         super().__init__(sparsity, distribution, **kwargs)
         self.method = _check_method(method or type(self).method)
-        self.needs_data = self.method in _NEEDS_DATA
+        self.needs = frozenset({"batch"}) if self.method in _NEEDS_DATA else frozenset()
         self.scope = check_scope(scope)
+        if batch is not None:
+            _check_batch(self.method, batch)
         self.batch, self.loss_fn, self.input_shape = batch, loss_fn, input_shape
         self.iterations, self.temperature, self.dtype = iterations, temperature, dtype
-        self._model: nn.Module | None = None
 
-    def select(self, model: nn.Module) -> list[SparseParam]:
-        self._model = model
-        return super().select(model)
+    @property
+    def needs_data(self) -> bool:
+        return self.method in _NEEDS_DATA
 
     def initial_sparsities(self, params: Sequence[SparseParam]) -> list[float]:
-        if self.needs_data:
-            _check_batch(self.method, self.batch)
         if self.scope == "global":
             return [self.sparsity] * len(params)
         return super().initial_sparsities(params)
 
-    def initial_masks(self, params, sparsities, seed) -> list[Tensor]:
-        if self._model is None:
-            raise RuntimeError(f"{self.name} scores through the model: attach it with Sparsifier(model, ...)")
-        try:
-            return pai_masks(self._model, params, self.method, sparsities, self.scope, self.batch, self.loss_fn,
-                             self.input_shape, self.iterations, self.temperature, self.dtype, seed)
-        finally:
-            self._model = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
+    def initial_masks(self, params, sparsities, setup: Setup) -> list[Tensor]:
+        if setup.model is None:
+            raise ValueError(f"{self.name} scores weights through the model: attach it with Sparsifier(model, ...)")
+        batch = self.batch if self.batch is not None else setup.batch
+        if self.needs_data and batch is None:
+            raise ValueError(f"{self.method} scores weights on a batch of data: pass data= (a batch or a DataLoader) "
+                             f"to the engine, or batch=(inputs, targets) to {type(self).__name__}")
+        return pai_masks(setup.model, params, self.method, sparsities, self.scope, batch, self.loss_fn,
+                         self.input_shape, self.iterations, self.temperature, self.dtype, setup.seed)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(sparsity={self.sparsity}, method={self.method!r}, scope={self.scope!r})"
@@ -337,14 +334,14 @@ class PaI(SparsityAlgorithm):
 class SNIP(PaI):
     name = "snip"
     method = "snip"
-    needs_data = True
+    needs = frozenset({"batch"})
 
 
 @register
 class GraSP(PaI):
     name = "grasp"
     method = "grasp"
-    needs_data = True
+    needs = frozenset({"batch"})
 
 
 @register

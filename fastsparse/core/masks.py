@@ -23,7 +23,7 @@ from torch import Tensor, nn
 __all__ = [
     "MASK_SUFFIX", "SparseParam", "default_param_filter", "select_params", "sparse_params",
     "attach_mask", "detach_masks", "apply_masks", "n_keep", "topk_mask", "global_topk_masks",
-    "sparsity_of", "MaskSet",
+    "sparsity_of", "MaskSet", "snapshot_state", "restore_state", "DENSE_NAME_PARTS",
 ]
 
 MASK_SUFFIX = "_mask"
@@ -33,7 +33,7 @@ _SPARSIFIABLE_MODULES = (
     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
 )
 _MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-_DENSE_NAME_PARTS = ("embed", "norm", "lm_head")
+DENSE_NAME_PARTS = ("embed", "norm", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def default_param_filter(name: str, param: Tensor, module: nn.Module) -> bool:
     """Weights of Linear, Conv and MultiheadAttention projections; never biases, norms,
     embeddings, ``lm_head`` or 1-D parameters."""
-    if param.dim() < 2 or any(part in name.lower() for part in _DENSE_NAME_PARTS):
+    if param.dim() < 2 or any(part in name.lower() for part in DENSE_NAME_PARTS):
         return False
     attr = name.rpartition(".")[2]
     if isinstance(module, nn.MultiheadAttention):
@@ -304,3 +304,22 @@ def global_topk_masks(scores: Sequence[Tensor], k: int) -> list[Tensor]:
         out.append(keep[start:start + s.numel()].view(s.shape).to(s.device))
         start += s.numel()
     return out
+
+
+def snapshot_state(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of every parameter and buffer of ``model`` except the masks (what rewinding restores)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith(MASK_SUFFIX)}
+
+
+@torch.no_grad()
+def restore_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy ``state`` back into ``model`` in place (optimizers keep their references), then re-apply
+    the masks. Raises, before copying anything, if ``state`` names what the model has not."""
+    own = model.state_dict(keep_vars=True)
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"the saved state does not fit the model: it holds {unknown}, which the model has not")
+    for k, v in state.items():
+        own[k].copy_(v)
+    for sp in sparse_params(model):
+        sp.param.mul_(sp.mask)

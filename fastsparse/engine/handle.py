@@ -9,15 +9,23 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..algorithms.base import SparsityAlgorithm
+from ..algorithms.base import Setup, SparsityAlgorithm
 from ..core.distributions import check_sparsity, uniform_sparsity
 from ..core.masks import MaskSet, attach_mask, n_keep, sparse_params, topk_mask
 
 __all__ = ["sparsify_model", "SparseHandle", "sparse_mask", "sparse_mask_like", "top_k_mask",
-           "is_sparseable_module", "sparseable_modules"]
+           "is_sparseable_module", "sparseable_modules", "mark_fresh", "engine_hooks"]
 
 # Optimizers whose masks a Sparsifier already re-applies after each step (its own hook).
 _ENGINE_OPTIMIZERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def engine_hooks(optimizer, on: bool) -> None:
+    """Tell the handles that an engine's step hook on ``optimizer`` re-applies the masks (or no longer)."""
+    if on:
+        _ENGINE_OPTIMIZERS.add(optimizer)
+    else:
+        _ENGINE_OPTIMIZERS.discard(optimizer)
 _HANDLES: "weakref.WeakKeyDictionary[nn.Module, SparseHandle]" = weakref.WeakKeyDictionary()
 
 
@@ -122,7 +130,7 @@ def sparsify_model(
     static = SparsityAlgorithm(model_sparsity, dist_f, init_method, include, exclude)
     params = static.select(model)
     sparsities = static.initial_sparsities(params)
-    masks = static.initial_masks(params, sparsities, seed)
+    masks = static.initial_masks(params, sparsities, Setup(seed, model))
     for sp, m in zip(params, masks):
         attach_mask(sp, m)
     old = _HANDLES.get(model)

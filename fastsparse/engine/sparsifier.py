@@ -1,12 +1,16 @@
-"""The engine: binds a model, an optimizer and algorithm groups; enforces masks; runs updates.
+"""The engine: binds a model, an optimizer and algorithm groups; enforces masks; runs updates
+and the methods' recipes.
 
 One training step, as the engine sees it::
 
+    before_step(): the recipes' learning rate for the coming step (optimizer pre-step hook)
     loss.backward(); optimizer.step()
       -> post-step hook: weights *= mask            (exact zeros again)
+      -> recipes' on_step (a ticket, a snapshot)
       -> if an algorithm's schedule says so: new masks from scores (weights, gradients,
-         optimizer state); grown weights and their optimizer state set to 0; masks checked
-         identical on every rank.
+         optimizer state); grown weights and their optimizer state set to 0; the algorithm
+         commits; its recipe's after_update (rewind, reset); masks checked identical on every rank
+      -> at the last step of training: the recipes' finish (superposition, ...)
 
 A step that a GradScaler skips never calls ``optimizer.step()``, so it neither advances
 the clock nor updates masks.
@@ -14,17 +18,19 @@ the clock nor updates masks.
 from __future__ import annotations
 
 import logging
-import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .distributed import check_agreement
-from ..algorithms.base import SparsityAlgorithm, create
-from .handle import _ENGINE_OPTIMIZERS, mark_fresh
+from ..algorithms.base import MaskUpdate, Setup, SparsityAlgorithm, create
 from ..core.masks import MaskSet, SparseParam, attach_mask, sparse_params
 from ..core.schedules import Clock
+from ._state import pack_bits, unpack_bits
+from .data import DataSource
+from .distributed import check_agreement
+from .handle import engine_hooks, mark_fresh
+from .recipe import EntryPointRefused, Recipe, recipe_class
 
 __all__ = ["Sparsifier"]
 
@@ -35,28 +41,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-
-
-def _pack_bits(mask: Tensor) -> bytes:
-    """A bool tensor as bytes, 8 positions a byte, first position in the high bit
-    (comparable with ==, 8x smaller than bools; torch only)."""
-    flat = mask.detach().cpu().reshape(-1).to(torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
-    return bytes((flat.view(-1, 8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8).tolist())
-
-
-def _unpack_bits(packed: bytes, like: Tensor) -> Tensor:
-    if not packed:
-        return torch.zeros_like(like, dtype=torch.bool)
-    raw = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
-    bits = (raw.unsqueeze(1) & _BIT_WEIGHTS).ne(0).reshape(-1)[: like.numel()]
-    return bits.view(like.shape).to(like.device)
-
-
 class _Group:
     def __init__(self, algorithm: SparsityAlgorithm, params: list[SparseParam], targets: list[float]):
         self.algorithm, self.params, self.targets = algorithm, params, targets
+        self.recipe: Recipe | None = None
 
 
 class Sparsifier:
@@ -64,16 +52,26 @@ class Sparsifier:
 
     Args:
       model: the network (a DDP wrapper is looked through).
-      optimizer: a ``torch.optim.Optimizer`` (a post-step hook then drives everything), or
-        any object with a ``state`` dict (fastai); None if you call :meth:`step` yourself.
+      optimizer: a ``torch.optim.Optimizer`` (hooks then drive everything), or any object with
+        a ``state`` dict (fastai); None if you call :meth:`step` yourself.
       algorithm: an algorithm, a registered name, or a list of algorithms acting on
         disjoint parameter sets.
-      total_steps: training length, needed when schedule points are fractions of training.
+      total_steps: training length, needed when schedule points are fractions of training and
+        by methods that plan over the whole run (IMP, Sup-tickets).
       seed: seeds every random choice together with the step and the parameter name.
+      data: what the methods may need from the data: a batch ``(inputs, targets)``, an iterable
+        of batches (a DataLoader) or a function returning one. Its first batch scores weights at
+        attach (SNIP, GraSP, methods that regrow by gradient); Sup-tickets re-estimates
+        BatchNorm statistics over it.
+      steps_per_epoch: optimizer steps per epoch, for methods that count in epochs (Sup-tickets).
+      loss_fn: the loss of a batch, ``loss_fn(outputs, targets)``, for gradients taken at attach
+        (default cross-entropy).
       zero_grown_state: zero the optimizer state of grown weights (default; RigL).
-      check_ranks: under ``torch.distributed``, compare mask checksums across ranks after
-        every update and raise if they differ.
-      hook: register the optimizer post-step hook (default when the optimizer is a torch one).
+      check_ranks: under ``torch.distributed``, compare masks across ranks after every update.
+      hook: register the optimizer hooks (default when the optimizer is a torch one); without
+        them call :meth:`before_step` before and :meth:`step` after every optimizer step.
+      auto_finish: run the recipes' end of training (Sup-tickets' superposition) at the last step;
+        a driver that evaluates first passes False and calls :meth:`finish` itself.
     """
 
     def __init__(
@@ -84,20 +82,31 @@ class Sparsifier:
         *,
         total_steps: int | None = None,
         seed: int = 0,
+        data: Any = None,
+        steps_per_epoch: int | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         zero_grown_state: bool = True,
         check_ranks: bool = True,
         hook: bool | None = None,
+        auto_finish: bool = True,
     ):
         self.model = _unwrap(model)
         self.optimizer = optimizer
         self.total_steps = total_steps
         self.seed = int(seed)
+        self.data = DataSource(data)
+        self.steps_per_epoch = steps_per_epoch
+        self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.zero_grown_state = zero_grown_state
         self.check_ranks = check_ranks
+        self.auto_finish = auto_finish
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
+        self.lr_used: float | None = None
         self._external_clock: Clock | None = None
-        self._hook_handle = None
+        self._hook_handles: list[Any] = []
+        self._prepared_for: int | None = None
+        self._finished = False
 
         algorithms = algorithm if isinstance(algorithm, (list, tuple)) else [algorithm]
         algorithms = [create(a) if isinstance(a, str) else a for a in algorithms]
@@ -108,15 +117,22 @@ class Sparsifier:
             hook = isinstance(optimizer, torch.optim.Optimizer)
         if hook and not isinstance(optimizer, torch.optim.Optimizer):  # checked before any mask is attached
             raise TypeError("hook=True needs a torch.optim.Optimizer; call sparsifier.step() yourself otherwise")
+        self.hooked = bool(hook)
         self.groups = self._build_groups(algorithms)
         self._refresh()
         self.apply_masks()
+        for g in self.groups:   # the initial masks are installed: algorithms commit at step 0
+            g.algorithm.commit(g.params, self.clock())
         # ITOP: per sparse parameter, every position that has been active at some point
         self._union: dict[str, Tensor] = {sp.name: sp.mask.clone() for sp in self._sps}
         self._check_ranks()
+        for g in self.groups:
+            if g.recipe is not None:
+                g.recipe.attached()
         if hook:
-            self._hook_handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
-            _ENGINE_OPTIMIZERS.add(optimizer)
+            self._hook_handles = [optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.before_step()),
+                                  optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())]
+            engine_hooks(optimizer, True)
 
     # --- set-up ----------------------------------------------------------------------------
     def _build_groups(self, algorithms: list[SparsityAlgorithm]) -> list[_Group]:
@@ -137,20 +153,54 @@ class Sparsifier:
                     raise ValueError(f"parameter {sp.name} is selected by two algorithms "
                                      f"({claimed[sp.name]} and {alg.name}); their filters must not overlap")
                 claimed[sp.name] = alg.name
-            sparsities = alg.initial_sparsities(params)
-            todo = [(sp, s) for sp, s in zip(params, sparsities) if sp.name not in existing]
-            masks = alg.initial_masks([sp for sp, _ in todo], [s for _, s in todo], self.seed) if todo else []
-            plans.append((alg, params, sparsities, todo, masks))
+            plans.append((alg, params))
+        groups = [_Group(alg, params, []) for alg, params in plans]
+        self._make_recipes(groups)     # every recipe checks its entry point before anything changes
+        masks_of = []
+        for g in groups:
+            sparsities = g.algorithm.initial_sparsities(g.params)
+            todo = [(sp, s) for sp, s in zip(g.params, sparsities) if sp.name not in existing]
+            setup = self._setup_for(g.algorithm, [sp for sp, _ in todo]) if todo else None
+            masks = g.algorithm.initial_masks([sp for sp, _ in todo], [s for _, s in todo], setup) if todo else []
+            masks_of.append((g, sparsities, todo, masks))
         # every check passed: now change state
-        groups = []
-        for alg, params, sparsities, todo, masks in plans:
+        for g, sparsities, todo, masks in masks_of:
             for (sp, _), m in zip(todo, masks):
                 attach_mask(sp, m)
-            targets = [s if sp.name not in existing else 1 - float(sp.mask.sum()) / sp.mask.numel()
-                       for sp, s in zip(params, sparsities)]
-            groups.append(_Group(alg, params, targets))
-            log.info("%s: %d parameters, model sparsity %.4f", alg.name, len(params), self._sparsity_of(params))
+            g.targets = [s if sp.name not in existing else 1 - float(sp.mask.sum()) / sp.mask.numel()
+                         for sp, s in zip(g.params, sparsities)]
+            log.info("%s: %d parameters, model sparsity %.4f", g.algorithm.name, len(g.params),
+                     self._sparsity_of(g.params))
         return groups
+
+    def _make_recipes(self, groups: list[_Group]) -> None:
+        for g in groups:
+            cls = recipe_class(g.algorithm)
+            if cls is None:
+                continue
+            if cls.own_loop:
+                raise EntryPointRefused(cls.own_loop.format(name=g.algorithm.name))
+            if cls.exclusive and len(groups) > 1:
+                raise EntryPointRefused(f"{g.algorithm.name} acts on the whole model (learning rate, superposition): "
+                                        "it must be the only algorithm of its engine")
+            g.recipe = cls(g.algorithm, g.params, self)
+            g.recipe.check()
+        self._recipes = [g.recipe for g in groups if g.recipe is not None]
+        self._owns_lr = any(r.owns_lr for r in self._recipes)
+        if self._owns_lr and not self.hooked and self.optimizer is None:
+            raise EntryPointRefused("this method sets the learning rate of its steps: the engine needs the "
+                                    "optimizer (pass it to Sparsifier)")
+
+    def _setup_for(self, algorithm: SparsityAlgorithm, params: list[SparseParam]) -> Setup:
+        """What ``initial_masks`` may use; a batch and gradients only for methods that need them."""
+        needs = set(getattr(algorithm, "needs", ()))
+        batch = self.data.batch() if self.data.given else None
+        if "gradients" in needs and any(sp.param.grad is None for sp in params):
+            if batch is None:
+                raise ValueError(f"{algorithm.name} chooses its first masks by gradient: pass data= (a batch or a "
+                                 f"DataLoader) to the engine, or leave the gradients of a batch in .grad")
+            self.data.gradients(self.model, batch, self.loss_fn)
+        return Setup(self.seed, self.model, self.optimizer, batch)
 
     def _refresh(self) -> None:
         self._sps = [sp for g in self.groups for sp in g.params]
@@ -167,11 +217,23 @@ class Sparsifier:
         mark_fresh(self.model)
 
     def clock(self) -> Clock:
-        return self._external_clock or Clock(self.step_count, self.total_steps)
+        if self._external_clock is not None:
+            return self._external_clock
+        return Clock(self.step_count, self.total_steps, epoch_steps=self.steps_per_epoch)
 
     def set_clock(self, step: int, progress: float | None = None) -> None:
         """Drive the schedules from outside (the wrapper's ``step(step, pct_train)``)."""
-        self._external_clock = Clock(int(step), self.total_steps, progress)
+        self._external_clock = Clock(int(step), self.total_steps, progress, self.steps_per_epoch)
+
+    def before_step(self) -> None:
+        """Before an optimizer step: the recipes' learning rate for it (the pre-step hook calls this)."""
+        self._prepared_for = self.step_count
+        self.lr_used = None
+        for r in self._recipes:
+            lr = r.learning_rate(self.step_count)
+            if lr is not None:
+                self.set_learning_rate(lr)
+                self.lr_used = lr if not isinstance(lr, (list, tuple)) else float(lr[0])
 
     @torch.no_grad()
     def step(self) -> bool:
@@ -180,41 +242,57 @@ class Sparsifier:
         Returns True if masks changed. Called by the optimizer hook; call it yourself only
         when the engine has no hook (``hook=False`` or a non-torch optimizer).
         """
+        if self._owns_lr and self._prepared_for != self.step_count:
+            raise EntryPointRefused(
+                "this method sets the learning rate of its steps, but sparsifier.before_step() was not called "
+                "before this optimizer step: call it before every optimizer.step() (the fastai and Lightning "
+                "callbacks do), or build the engine on a torch optimizer with hook=True")
         self.apply_masks()
         self.step_count += 1
         clock = self.clock()
+        for r in self._recipes:
+            r.on_step(clock)
         plans = []
         for g in self.groups:
             if g.algorithm.is_update(clock):
                 new = g.algorithm.update_masks(g.params, self.optimizer, clock, self.seed)
                 if new is not None:
-                    self._check_new_masks(g, new)
-                    plans.append((g, new))
-        if not plans:
-            return False
-        record = {"step": clock.step, "changed": 0, "active": 0}
-        for g, new in plans:
-            for sp, m in zip(g.params, new):
-                record["changed"] += self._set_mask(sp, m)
-                record["active"] += int(m.count_nonzero())
-        record["changed_fraction"] = record["changed"] / max(1, record["active"])
-        record["exploration_rate"] = self.exploration_rate()
-        self.history.append(record)
-        self._check_ranks(clock.step)
-        return True
+                    plans.append((g, self._checked(g, new)))
+        changed = bool(plans)
+        if plans:
+            record = {"step": clock.step, "changed": 0, "active": 0}
+            for g, (masks, grown) in plans:
+                for i, (sp, m) in enumerate(zip(g.params, masks)):
+                    record["changed"] += self._install(sp, m, None if grown is None else grown[i])
+                    record["active"] += int(m.count_nonzero())
+                g.algorithm.commit(g.params, clock)
+                if g.recipe is not None:
+                    g.recipe.after_update(clock)
+            record["changed_fraction"] = record["changed"] / max(1, record["active"])
+            record["exploration_rate"] = self.exploration_rate()
+            self.history.append(record)
+            self._check_ranks(clock.step)
+        if self.auto_finish and self.total_steps and clock.step >= self.total_steps and not self._finished:
+            self.finish()
+        return changed
 
-    def _check_new_masks(self, g: _Group, new: Sequence[Tensor]) -> None:
-        if len(new) != len(g.params):
-            raise ValueError(f"{g.algorithm.name} returned {len(new)} masks for {len(g.params)} parameters")
-        for sp, m in zip(g.params, new):
+    def _checked(self, g: _Group, new: Any) -> tuple[list[Tensor], list[Tensor] | None]:
+        masks, grown = (new.masks, new.grown) if isinstance(new, MaskUpdate) else (new, None)
+        if len(masks) != len(g.params) or (grown is not None and len(grown) != len(g.params)):
+            raise ValueError(f"{g.algorithm.name} returned {len(masks)} masks for {len(g.params)} parameters")
+        for sp, m in zip(g.params, masks):
             if tuple(m.shape) != tuple(sp.param.shape) or m.dtype != torch.bool:
                 raise ValueError(f"{g.algorithm.name} returned a mask of shape {tuple(m.shape)} and dtype "
                                  f"{m.dtype} for {sp.name}; expected bool {tuple(sp.param.shape)}")
+        return list(masks), None if grown is None else list(grown)
 
-    def _set_mask(self, sp: SparseParam, new: Tensor) -> int:
-        """Install ``new``; zero dropped weights, and grown weights with their optimizer state."""
+    def _install(self, sp: SparseParam, new: Tensor, grown: Tensor | None = None) -> int:
+        """Install ``new``; zero dropped weights and the optimizer state of grown weights
+        (``new & ~old``, inactive until now, so already 0; or the positions the algorithm names,
+        whose values are zeroed too). Returns the number of grown weights."""
         old = sp.mask
-        grown = new & ~old
+        reset_values = grown is not None
+        grown = (new & ~old) if grown is None else (grown.to(old.device) & new)
         n_changed = int(grown.count_nonzero())  # not sum(): a bool sum widens to int64, ~50x slower
         old.copy_(new)
         union = self._union.get(sp.name)
@@ -222,13 +300,77 @@ class Sparsifier:
             union |= old
         p = sp.param
         p.mul_(old)
-        if self.zero_grown_state and n_changed:
-            state = getattr(self.optimizer, "state", None)
-            st = state.get(p) if state is not None and hasattr(state, "get") else None
-            for value in (st or {}).values():
-                if isinstance(value, Tensor) and value.shape == p.shape:
-                    value.masked_fill_(grown, 0)
+        if n_changed:
+            if reset_values:
+                p.masked_fill_(grown, 0)
+            if self.zero_grown_state:
+                state = getattr(self.optimizer, "state", None)
+                st = state.get(p) if state is not None and hasattr(state, "get") else None
+                for value in (st or {}).values():
+                    if isinstance(value, Tensor) and value.shape == p.shape:
+                        value.masked_fill_(grown, 0)
         return n_changed
+
+    # --- what recipes (and drivers) may do ---------------------------------------------------
+    @torch.no_grad()
+    def set_masks(self, params: Sequence[SparseParam], masks: Sequence[Tensor]) -> int:
+        """Install ``masks`` on ``params`` outside the schedule (a recipe's prune-back): dropped
+        weights become 0, newly active ones keep their values with zeroed optimizer state.
+        Returns the number newly active."""
+        n = sum(self._install(sp, m.to(sp.mask.device)) for sp, m in zip(params, masks))
+        self.apply_masks()
+        return n
+
+    def _lr_groups(self) -> list[dict]:
+        opt = self.optimizer
+        groups = getattr(opt, "param_groups", None)
+        if groups is None:
+            groups = getattr(opt, "hypers", None)   # fastai's optimizer
+        if groups is None:
+            raise EntryPointRefused(f"this method sets the learning rate, but {type(opt).__name__} has neither "
+                                    "param_groups nor hypers")
+        return groups
+
+    def learning_rates(self) -> list[float]:
+        """The learning rate of every parameter group now."""
+        return [float(g["lr"]) for g in self._lr_groups()]
+
+    def set_learning_rate(self, lr: float | Sequence[float]) -> None:
+        """Set the learning rate of every parameter group (one value, or one per group)."""
+        groups = self._lr_groups()
+        values = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(groups)
+        if len(values) != len(groups):
+            raise ValueError(f"{len(values)} learning rates for {len(groups)} parameter groups")
+        for g, v in zip(groups, values):
+            g["lr"] = v
+
+    def reset_optimizer_state(self) -> None:
+        """Forget the optimizer's state (momenta, Adam moments, step counts): a fresh optimizer."""
+        state = getattr(self.optimizer, "state", None)
+        if state is not None and hasattr(state, "clear"):
+            state.clear()
+
+    def schedule_steps(self) -> int | None:
+        """Steps of one pass of the learning-rate schedule: the run, or less where a recipe
+        replays it (IMP's levels)."""
+        if not self.total_steps:
+            return self.total_steps
+        return min([r.schedule_steps(self.total_steps) for r in self._recipes] or [self.total_steps])
+
+    def finish(self) -> list[str]:
+        """The end of training: the recipes' last part (Sup-tickets' superposition). Runs once;
+        returns the labels of what changed the model (``["superposed"]``)."""
+        if self._finished:
+            return []
+        self._finished = True
+        for r in self._recipes:
+            r.finish()
+        self.apply_masks()
+        return [r.finish_label for r in self._recipes if r.finish_label]
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
 
     def _check_ranks(self, step: int = 0) -> None:
         if self.check_ranks:
@@ -265,6 +407,18 @@ class Sparsifier:
                              "explored": int(self._union[sp.name].sum()) if sp.name in self._union else active})
         return rows
 
+    def final_targets(self) -> dict[str, float]:
+        """What each algorithm aims at by the end of training, per parameter."""
+        if not self.total_steps:
+            return {}
+        end = Clock(self.total_steps, self.total_steps, epoch_steps=self.steps_per_epoch)
+        out: dict[str, float] = {}
+        for g in self.groups:
+            targets = g.algorithm.target_sparsities(g.params, end)
+            if targets:
+                out.update({sp.name: float(t) for sp, t in zip(g.params, targets)})
+        return out
+
     # --- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -272,11 +426,13 @@ class Sparsifier:
             "history": list(self.history),
             "masks": {sp.name: tuple(sp.mask.shape) for sp in self._sps},
             "algorithms": [g.algorithm.state_dict() for g in self.groups],
-            "explored": {name: _pack_bits(u) for name, u in self._union.items()},
+            "recipes": [g.recipe.state_dict() if g.recipe is not None else None for g in self.groups],
+            "finished": self._finished,
+            "explored": {name: pack_bits(u) for name, u in self._union.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the clock and algorithm state; the masks themselves come with the model's state_dict."""
+        """Restore the clock, algorithm and recipe state; the masks come with the model's state_dict."""
         shapes = state.get("masks", {})
         ours = {sp.name: tuple(sp.mask.shape) for sp in self._sps}
         if shapes and {k: tuple(v) for k, v in shapes.items()} != ours:
@@ -289,18 +445,23 @@ class Sparsifier:
         self.seed = int(state["seed"])
         self.total_steps = state.get("total_steps", self.total_steps)
         self.history = list(state.get("history", []))
+        self._finished = bool(state.get("finished", False))
         for g, s in zip(self.groups, state["algorithms"]):
             g.algorithm.load_state_dict(s)
+        for g, s in zip(self.groups, state.get("recipes", [None] * len(self.groups))):
+            if g.recipe is not None and s is not None:
+                g.recipe.load_state_dict(s)
         for name, packed in state.get("explored", {}).items():   # states saved before ITOP tracking have none
             if name in self._union:
-                self._union[name].copy_(_unpack_bits(packed, self._union[name]))
+                self._union[name].copy_(unpack_bits(packed, self._union[name]))
 
     def remove(self) -> None:
         """Stop enforcing and updating; the masks stay on the model (and in its state_dict)."""
-        if self._hook_handle is not None:
-            self._hook_handle.remove()
-            self._hook_handle = None
-            _ENGINE_OPTIMIZERS.discard(self.optimizer)
+        for h in self._hook_handles:
+            h.remove()
+        if self._hook_handles:
+            engine_hooks(self.optimizer, False)
+        self._hook_handles = []
 
     def __repr__(self) -> str:
         algs = ", ".join(g.algorithm.name for g in self.groups)

@@ -42,7 +42,7 @@ def _setup_logging(quiet: bool = False) -> None:
     logger.handlers[:] = [RichHandler(console=err_console, show_path=False, show_time=False)]
     logger.setLevel(logging.WARNING)        # the engine's own messages: warnings only
     logger.propagate = False
-    logging.getLogger("fastsparse.experiments.runner").setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("fastsparse.train").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -127,16 +127,17 @@ def validate(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=_SET_HELP),
 ) -> None:
     """Check a config without training: print each parameter, its algorithm and target density
-    (the dry run), or every problem with its path in the config."""
-    from .runner import prepare
+    (the dry run), or every problem with its path in the config. Needs no data: without the data
+    files it checks the config on the data set's shapes, and says so."""
+    from .experiment import prepare
 
     try:
         experiment, notes = _load(config, set_ or [])
-        exp = prepare(experiment, load_data=False)
+        exp = prepare(experiment, load_data=False, require_data=False)
     except ConfigError as e:
         _fail(str(e))
     _print_plan(exp, config)
-    for note in notes:
+    for note in notes + exp.notes:
         err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
@@ -171,6 +172,8 @@ def _print_plan(exp: Any, config: Path) -> None:
                           f"{exp.total_steps:,} training steps ({exp.config.epochs} epochs × {exp.steps_per_epoch})")
     else:
         out_console.print(f"valid: dense training, {exp.total_steps:,} steps")
+    if len(exp.phases) > 1:
+        out_console.print("phases: " + ", then ".join(f"{p.name} ({p.epochs} epochs)" for p in exp.phases))
 
 
 @app.command()
@@ -182,9 +185,9 @@ def compare(
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the epochs of every run."),
 ) -> None:
     """Train every method of a suite at each sparsity over several seeds, then write report.md and plots."""
-    from .config import load_suite
+    from .suite import load_suite, run_suite
     from .report import write_report
-    from .runner import run_suite
+
 
     _setup_logging()
     try:

@@ -41,10 +41,11 @@ from torch import nn
 
 from ..algorithms.base import SparsityAlgorithm, create
 from ..algorithms.dst import REDISTRIBUTIONS
-from ..algorithms.sparsify import Sparsify, SparsifyScheduler
-from ..core.criteria import CRITERIA
+from ..algorithms.sparsify import Sparsify
+from ..recipes.sparsify import SparsifyScheduler
+from ..core.scores import CRITERIA
 from ..engine.optim import dst_algorithm
-from ..core.progress import PROGRESS_SCHEDULES, ProgressSchedule
+from ..core.schedules import PROGRESS_SCHEDULES, ProgressSchedule
 from ..core.scores import gradient_magnitude, resolve_score, weight_magnitude
 from ..engine.sparsifier import Sparsifier
 
@@ -295,7 +296,7 @@ class SparsifyCallback(_EngineCallback):
 
     ``sparsity`` is a fraction in [0, 1); a number in (1, 100] is read as a percent, with a
     warning. ``criteria`` and ``schedule`` are names or the functions of
-    :mod:`fastsparse.core.criteria` / :mod:`fastsparse.core.progress` (a custom schedule is a function
+    :mod:`fastsparse.core.scores` / :mod:`fastsparse.core.schedules` (a custom schedule is a function
     of the position x ∈ [0, 1] between the start and end epochs). Pruning runs between
     ``start_epoch`` (default: the schedule's own start, e.g. 20% of training for
     ``iterative``) and ``end_epoch`` (default: the end of the fit). With ``lth=True`` every

@@ -1,0 +1,118 @@
+"""The run folder: ``<out>/<algorithm>-<hash of the resolved config>/``, written atomically.
+
+    config.yaml      the resolved config (every default filled in); its hash names the folder
+    run.json         where the config came from, and when
+    checkpoint.pt    model, optimizer, LR schedule, sparsifier, phase, data-order RNG, epoch, metrics
+    metrics.jsonl    one line per epoch (also metrics.csv); updates.jsonl, one line per mask update
+    model.pt         final weights and masks
+    summary.json     written last: its presence marks the run complete
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import config_hash
+from .experiment import ranks
+
+__all__ = ["label", "run_dir_for", "atomic_write", "atomic_save", "load_checkpoint", "to_yaml", "config_diff",
+           "saved_config", "find_changed_run"]
+
+
+def label(resolved: dict[str, Any]) -> str:
+    blocks = resolved.get("sparsity")
+    if blocks is None:
+        return "dense"
+    blocks = blocks if isinstance(blocks, list) else [blocks]
+    return "+".join(b.get("algorithm", "static") for b in blocks)
+
+
+def run_dir_for(resolved: dict[str, Any], out: str | os.PathLike) -> Path:
+    """``<out>/<algorithm>-<hash>``, or ``out`` itself when it already is a run folder."""
+    out = Path(out)
+    if (out / "config.yaml").is_file():
+        return out
+    return out / f"{label(resolved)}-{config_hash(resolved)}"
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write to a temporary file, then rename: a killed process leaves the old file or the new one.
+    Under torchrun only rank 0 writes (the ranks hold the same model)."""
+    if ranks()[0] != 0:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    if ranks()[0] != 0:
+        return
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint, read without unpickling anything but tensors and plain data."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def to_yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(d, list) and any(isinstance(x, (dict, list)) for x in d):
+        out = {}
+        for i, v in enumerate(d):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: d}
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``path: old -> new`` for every setting that differs."""
+    a, b = _flatten(old), _flatten(new)
+    missing = object()
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)]
+
+
+def saved_config(run_dir: Path) -> dict[str, Any] | None:
+    import yaml
+
+    try:
+        return yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def find_changed_run(out: Path, source: str | None, resolved: dict[str, Any]) -> tuple[Path, list[str]] | None:
+    """An unfinished run in ``out`` started from the same file with another config."""
+    if source is None or not out.is_dir():
+        return None
+    for d in sorted(out.iterdir()):
+        info = d / "run.json"
+        if d.is_dir() and info.is_file() and not (d / "summary.json").exists():
+            try:
+                same = json.loads(info.read_text()).get("source") == source
+            except (OSError, ValueError):
+                continue
+            old = saved_config(d) if same else None
+            if old is not None and old != resolved:
+                return d, config_diff(old, resolved)
+    return None
