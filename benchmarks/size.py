@@ -20,7 +20,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fastsparse as sparse  # noqa: E402
-from fastsparse.deploy.export import save_sparse, size_report  # noqa: E402
+from fastsparse.deploy import save_sparse, size_report  # noqa: E402
 from fastsparse.experiments.models import MLP  # noqa: E402
 
 

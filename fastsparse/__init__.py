@@ -5,8 +5,8 @@
     opt = sparse.DynamicSparseTrainingOptimizerWrapper(model, opt, **sparse.RigL_presets, batches_per_update=50)
 """
 from .algorithms import (
-    DST, SET, SNFS, RigL, SparsityAlgorithm, Static, create, drop_and_grow, get_algorithm,
-    list_algorithms, redistribute, register,
+    DST, SET, SNFS, MaskUpdate, RigL, Setup, SparsityAlgorithm, Static, create, drop_and_grow, generator_for,
+    get_algorithm, list_algorithms, redistribute, register,
 )
 from .engine.handle import SparseHandle, sparsify_model
 from .core.distributions import erdos_renyi_sparsity, first_layer_dense_uniform, uniform_sparsity
@@ -40,7 +40,8 @@ __all__ = [
     "weight_magnitude", "random_score", "gradient_magnitude", "gradient_momentum",
     "SET_presets", "SNFS_presets", "RigL_presets", "DynamicSparseTrainingOptimizerWrapper",
     "Sparsifier", "SparsityAlgorithm", "Static", "DST", "SET", "SNFS", "RigL",
-    "drop_and_grow", "redistribute", "register", "create", "list_algorithms", "get_algorithm",
+    "drop_and_grow", "redistribute", "register", "create", "list_algorithms", "get_algorithm", "generator_for",
+    "Setup", "MaskUpdate",
     "Clock", "Constant", "Linear", "Exponential", "Power", "Cosine", "Cubic", "Cyclic", "UpdateSchedule",
     "MaskDisagreement", "EntryPointRefused", "Recipe",
     "GMP", "GraNet", "PruneUniform", "PruneGlobal", "PruneAndGrowUniform", "PruneAndGrowGlobal",
@@ -57,6 +58,9 @@ __all__ += ["ITOP", "ITOP_presets", "SupTickets", "SupTicketsTrainer", "EdgePopu
 
 from .experiments.models import create_model, list_models  # noqa: E402
 from .core.flops import forward_flops, training_flops  # noqa: E402
+from .deploy import load_sparse, plan_inference, read_sparse, save_sparse, size_report, to_inference  # noqa: E402
+
+__all__ += ["save_sparse", "load_sparse", "read_sparse", "size_report", "to_inference", "plan_inference"]
 
 
 def from_config(model, optimizer, config, **kwargs):

@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from fastsparse.experiments.cli import app
-from fastsparse.deploy.export import load_sparse
+from fastsparse.deploy import load_sparse
 from fastsparse.core.masks import sparse_params
 from fastsparse.experiments.models import MLP
 

@@ -12,7 +12,7 @@ pytest.importorskip("safetensors")
 import safetensors.torch as st  # noqa: E402
 
 import fastsparse as sparse  # noqa: E402
-from fastsparse.deploy.export import (  # noqa: E402
+from fastsparse.deploy import (  # noqa: E402
     FORMAT_VERSION, SparseFileError, build_model, encoded_bytes, export_command, infer_model_spec,
     load_sparse, pack_bits, read_sparse, save_sparse, size_report, unpack_bits,
 )

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 import fastsparse as sparse
-from fastsparse.deploy import inference
-from fastsparse.deploy.inference import (
-    LayerDecision, SparseLinear, SparseMultiheadAttention, bench_inference, is_2to4, plan_inference,
+from fastsparse.deploy import modules
+from fastsparse.deploy import (
+    LayerDecision, SparseLinear, SparseMultiheadAttention, bench_inference, bench_inference_command, inference,
+    is_2to4, plan_inference,
     to_inference,
 )
 from fastsparse.core.masks import sparse_params
@@ -260,7 +261,7 @@ def test_two_four_pattern_detection_and_cpu_statement():
     (d,) = plan_inference(lin, threshold=0.0)
     assert "CUDA-only" in d.reason and "not used on CPU" in d.reason
     with pytest.raises(RuntimeError, match="CUDA-only"):
-        inference.SemiStructuredLinear(lin[0].weight, None)
+        modules.SemiStructuredLinear(lin[0].weight, None)
 
 
 def test_enforcement_hooks_are_removed_from_the_converted_model():
@@ -274,7 +275,7 @@ def test_enforcement_hooks_are_removed_from_the_converted_model():
 
 def test_bench_inference_on_a_model_and_on_files(tmp_path):
     pytest.importorskip("safetensors")
-    from fastsparse.deploy.export import save_sparse
+    from fastsparse.deploy import save_sparse
     model = MLP([32, 64, 10])
     sparse.sparsify_model(model, 0.9).remove()
     result = bench_inference(model, [1, 4], reps=1)
@@ -285,7 +286,7 @@ def test_bench_inference_on_a_model_and_on_files(tmp_path):
     assert "end to end" in text and "CUDA-only" in text
 
     save_sparse(model, tmp_path / "mlp.st")
-    text = inference.bench_inference_command(str(tmp_path / "mlp.st"), [2])
+    text = bench_inference_command(str(tmp_path / "mlp.st"), [2])
     assert "model rebuilt from the file's spec" in text and "end to end" in text
 
     conv = ConvNet()

@@ -90,7 +90,8 @@ class SparsityAlgorithm:
     # what the method does around its decisions: a Recipe class or "module:Class" (None: nothing)
     recipe: ClassVar[Any] = None
     # what the initial masks need beyond the weights: "batch" (a data batch), "gradients"
-    # (``.grad`` of the selected weights on a batch, computed by the engine when absent)
+    # (``.grad`` of the selected weights on a batch, computed by the engine when absent),
+    # "shape" (a batch if the engine has data, for an input shape)
     needs: ClassVar[frozenset] = frozenset()
     # set to the reason a comparison of methods at fixed sparsities leaves this one out
     comparison_note: ClassVar[str | None] = None

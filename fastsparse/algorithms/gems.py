@@ -28,10 +28,10 @@ every entry point but the runner and the recipe's drivers refuses it with the wa
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..core.masks import SparseParam, global_topk_masks, n_keep, topk_mask
 from ..core.errors import ParameterError
@@ -48,6 +48,14 @@ FINE_TUNE_POLICIES = ("cosine", "constant", "multistep")
 WEIGHT_INITS = ("signed_constant", "keep")
 GEM_ALGOS = ("hc", "hc_iter")
 REGULARIZATIONS = ("L2", "L1", "none")
+
+
+class Scored(Protocol):
+    """What the decisions read of a scored model (:class:`fastsparse.recipes.score_search.ScoredModel`)."""
+
+    scores: Sequence[Tensor]
+    flags: Sequence[Tensor]
+    counts: Sequence[int]
 
 
 class _STE(torch.autograd.Function):
@@ -158,7 +166,7 @@ class EdgePopup(ScoreSearch):
     name = "edge_popup"
     score_init_default = "kaiming"
 
-    def gate(self, model: "ScoredModel") -> list[Tensor]:
+    def gate(self, model: Scored) -> list[Tensor]:
         with torch.no_grad():
             mags = [s.detach().abs() for s in model.scores]
             if self.scope == "global":
@@ -167,7 +175,7 @@ class EdgePopup(ScoreSearch):
                 hard = [topk_mask(m, k) for m, k in zip(mags, model.counts)]
         return [_STE.apply(s.abs(), h) for s, h in zip(model.scores, hard)]   # ∂/∂s = sign(s) · ∂L/∂m
 
-    def final_masks(self, model: "ScoredModel") -> list[Tensor]:
+    def final_masks(self, model: Scored) -> list[Tensor]:
         return [g.detach().bool() for g in self.gate(model)]
 
 
@@ -207,14 +215,14 @@ class GemMiner(ScoreSearch):
         """The flagged count after each freezing round (raises if the target is out of reach)."""
         return hc_iter_keep_counts(numel, self.sparsity, epochs, self.iter_period) if self.algo == "hc_iter" else []
 
-    def gate(self, model: "ScoredModel") -> list[Tensor]:
+    def gate(self, model: Scored) -> list[Tensor]:
         out = []
         for s, f in zip(model.scores, model.flags):
             g = _STE.apply(s, s.detach() > self.threshold) if self.quantized else s
             out.append(g * f)
         return out
 
-    def penalty(self, model: "ScoredModel") -> Tensor:
+    def penalty(self, model: Scored) -> Tensor:
         if self.regularization == "none" or self.lmbda == 0:
             return model.scores[0].new_zeros(())
         if self.regularization == "L2":
@@ -222,13 +230,13 @@ class GemMiner(ScoreSearch):
         return self.lmbda * sum(s.abs().sum() for s in model.scores)
 
     @torch.no_grad()
-    def after_step(self, model: "ScoredModel") -> None:
+    def after_step(self, model: Scored) -> None:
         for s, f in zip(model.scores, model.flags):
             s.clamp_(0.0, 1.0)
             s.mul_(f)   # frozen scores stay at 0
 
     @torch.no_grad()
-    def freeze_round(self, model: "ScoredModel", keep: int) -> None:
+    def freeze_round(self, model: Scored, keep: int) -> None:
         """Unflag the globally lowest flagged scores so that ``keep`` stay flagged."""
         scores = [torch.where(f.bool(), s.detach(), torch.full_like(s, -1.0)) for s, f in zip(model.scores, model.flags)]
         kept = global_topk_masks(scores, keep)
@@ -236,7 +244,7 @@ class GemMiner(ScoreSearch):
             f.mul_(k.to(f.dtype))
             s.mul_(f)
 
-    def final_masks(self, model: "ScoredModel") -> list[Tensor]:
+    def final_masks(self, model: Scored) -> list[Tensor]:
         if self.algo == "hc":
             mags = [s.detach() for s in model.scores]
             return global_topk_masks(mags, sum(model.counts)) if self.scope == "global" else \

@@ -21,7 +21,7 @@ reusable transforms: :func:`shuffle_masks` (per layer), :func:`reinit_weights`,
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -300,7 +300,8 @@ class PaI(SparsityAlgorithm):
                  dtype: torch.dtype = torch.float64, **kwargs):
         super().__init__(sparsity, distribution, **kwargs)
         self.method = _check_method(method or type(self).method)
-        self.needs = frozenset({"batch"}) if self.method in _NEEDS_DATA else frozenset()
+        self.needs = frozenset({"batch"}) if self.method in _NEEDS_DATA else \
+            frozenset({"shape"}) if self.method == "synflow" else frozenset()
         self.scope = check_scope(scope)
         if batch is not None:
             _check_batch(self.method, batch)
@@ -348,4 +349,5 @@ class GraSP(PaI):
 class SynFlow(PaI):
     name = "synflow"
     method = "synflow"
+    needs = frozenset({"shape"})   # one batch's input shape, when the engine has data
 

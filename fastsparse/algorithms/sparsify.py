@@ -16,11 +16,10 @@ With ``lth=True`` every pruning event rewinds all weights and buffers to their v
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..core.scores import UPDATING, criterion_scores, needs_init, resolve_criterion
 from ..core.distributions import resolve_sparsities

@@ -23,13 +23,13 @@ cyclic phase, saves the tickets and superposes them, in every entry point that d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..core.masks import SparseParam, global_topk_masks, topk_mask
+from ..core.masks import SparseParam
 from ..core.errors import ParameterError
 from ..core.schedules import Clock, Cyclic
 from .base import SparsityAlgorithm, create, generator_for, register

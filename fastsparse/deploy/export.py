@@ -33,181 +33,22 @@ import math
 import os
 import struct
 import tempfile
-import warnings
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "FORMAT_VERSION", "SparseFileError", "save_sparse", "load_sparse", "read_sparse",
-    "size_report", "SizeReport", "SizeRow", "SparseFile", "export_command", "infer_model_spec",
-    "build_model", "encoded_bytes", "pack_bits", "unpack_bits",
-]
+from ..core.nets import MLP
+from .format import (
+    FORMAT_NAME, FORMAT_VERSION, FORMATS, SparseFileError, _COL_DTYPES, _CROW_DTYPES, _DTYPES, _KEY_PARTS, _KINDS,
+    _MASK_SUFFIX, _SEP, _SHIFTS, _ST_DTYPES, _crc32, _dtype_name, _encode_masked, _find_masks, _key, _matrix_shape,
+    _safetensors,
+)
 
-FORMAT_VERSION = 1
-FORMAT_NAME = "fastsparse-sparse"
-FORMATS = ("auto", "bitmask", "csr")
-_MASK_SUFFIX = "_mask"
-_SEP = "::"
-_KINDS = ("dense", "bitmask", "csr", "dense_masked")
-_KEY_PARTS = {
-    "dense": ("data",),
-    "bitmask": ("bits", "values"),
-    "csr": ("crow", "col", "values"),
-    "dense_masked": ("data", "bits"),
-}
-_DTYPES = {
-    name: getattr(torch, name)
-    for name in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16",
-                 "int8", "uint8", "bool", "complex64", "complex128")
-    if hasattr(torch, name)
-}
-_CROW_DTYPES = (torch.int16, torch.int32, torch.int64)
-_COL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
-_ST_DTYPES = {  # safetensors header names -> torch dtypes
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
-class SparseFileError(ValueError):
-    """A sparse checkpoint that is truncated, corrupt, of an unknown version or does not fit the model."""
-
-
-def _safetensors():
-    try:
-        import safetensors.torch as st
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("compressed export needs safetensors: pip install 'fastsparse[export]'") from e
-    return st
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _key(name: str, part: str) -> str:
-    return name if part == "data" else f"{name}{_SEP}{part}"
-
-
-def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The 2-D view CSR uses: (shape[0], prod(shape[1:])); a 0-D or 1-D tensor is one row."""
-    if len(shape) <= 1:
-        return 1, int(math.prod(shape))
-    return int(shape[0]), int(math.prod(shape[1:]))
-
-
-def _crow_dtype(nnz: int) -> torch.dtype:
-    if nnz <= 32767:
-        return torch.int16
-    return torch.int32 if nnz <= 2**31 - 1 else torch.int64
-
-
-def _col_dtype(cols: int) -> torch.dtype:
-    if cols <= 256:
-        return torch.uint8
-    if cols <= 32768:
-        return torch.int16
-    return torch.int32 if cols <= 2**31 else torch.int64
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def encoded_bytes(shape: tuple[int, ...], nnz: int, dtype: torch.dtype, fmt: str) -> int:
-    """Bytes of tensor data a masked tensor takes under ``fmt`` (``bitmask`` or ``csr``)."""
-    n = int(math.prod(shape))
-    value_bytes = nnz * _itemsize(dtype)
-    if fmt == "bitmask":
-        return (n + 7) // 8 + value_bytes
-    rows, cols = _matrix_shape(shape)
-    return (rows + 1) * _itemsize(_crow_dtype(nnz)) + nnz * _itemsize(_col_dtype(cols)) + value_bytes
-
-
-# ---------------------------------------------------------------------------------- bits
-
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
-
-
-def pack_bits(mask: Tensor) -> Tensor:
-    """Flat bool tensor -> uint8 tensor of ``ceil(n / 8)`` bytes; element 8j+i is bit i of byte j."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) << _SHIFTS).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: Tensor, n: int) -> Tensor:
-    """Inverse of :func:`pack_bits`: the first ``n`` bits as a flat bool tensor."""
-    bits = (packed.reshape(-1, 1) >> _SHIFTS) & 1
-    return bits.reshape(-1)[:n].bool()
-
-
-def _crc32(parts: Iterable[Tensor]) -> int:
-    """CRC-32 of the bytes of ``parts`` in order (detects corruption the structure checks cannot)."""
-    crc = 0
-    for t in parts:
-        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        crc = zlib.crc32(memoryview(data), crc)
-    return crc
-
-
-# -------------------------------------------------------------------------------- encode
-
-def _find_masks(state: Mapping[str, Tensor]) -> dict[str, str]:
-    """{tensor name: mask name} for every bool ``<name>_mask`` entry of ``<name>``'s shape."""
-    pairs = {}
-    for key, mask in state.items():
-        if not key.endswith(_MASK_SUFFIX) or not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            continue
-        target = key[: -len(_MASK_SUFFIX)]
-        t = state.get(target)
-        if isinstance(t, Tensor) and t.shape == mask.shape and t.dtype != torch.bool:
-            pairs[target] = key
-    return pairs
-
-
-def _encode_masked(name: str, value: Tensor, mask: Tensor, fmt: str) -> tuple[dict, dict[str, Tensor]]:
-    value = value.detach().cpu().contiguous()
-    mask = mask.detach().cpu().contiguous()
-    shape = tuple(value.shape)
-    n = value.numel()
-    nnz = int(mask.sum())
-    entry: dict[str, Any] = {
-        "shape": list(shape), "dtype": _dtype_name(value.dtype), "nnz": nnz,
-        "sparsity": (1.0 - nnz / n) if n else 0.0,
-    }
-    outside = int(torch.count_nonzero(value.masked_select(~mask))) if n else 0
-    if outside:
-        warnings.warn(
-            f"{name} has {outside} nonzero weights outside its mask (masks not enforced?); "
-            "it is stored dense with its packed mask so that nothing is lost. Apply the masks "
-            "(fastsparse.apply_masks) before exporting to store it compressed.", stacklevel=3)
-        entry["kind"] = "dense_masked"
-        return entry, {_key(name, "data"): value.clone(), _key(name, "bits"): pack_bits(mask)}
-    if fmt == "auto":
-        fmt = min(("bitmask", "csr"), key=lambda f: encoded_bytes(shape, nnz, value.dtype, f))
-    entry["kind"] = fmt
-    values = value.reshape(-1).masked_select(mask.reshape(-1))
-    if fmt == "bitmask":
-        return entry, {_key(name, "bits"): pack_bits(mask), _key(name, "values"): values}
-    rows, cols = _matrix_shape(shape)
-    m2 = mask.reshape(rows, cols)
-    crow = torch.zeros(rows + 1, dtype=torch.int64)
-    torch.cumsum(m2.sum(1), 0, out=crow[1:])
-    col = m2.nonzero()[:, 1]
-    return entry, {
-        _key(name, "crow"): crow.to(_crow_dtype(nnz)),
-        _key(name, "col"): col.to(_col_dtype(cols)),
-        _key(name, "values"): values,
-    }
+__all__ = ["save_sparse", "load_sparse", "read_sparse", "SparseFile", "infer_model_spec", "SparseFileError",
+           "FORMAT_VERSION"]
 
 
 def _state_of(model_or_state: nn.Module | Mapping[str, Tensor]) -> Mapping[str, Tensor]:
@@ -223,7 +64,6 @@ def infer_model_spec(model_or_state: nn.Module | Mapping[str, Tensor]) -> dict |
     of) :class:`fastsparse.experiments.models.MLP`: Linear layers with biases at indices 0, 2, 4, ...
     whose shapes chain; ``None`` otherwise."""
     if isinstance(model_or_state, nn.Module):
-        from ..experiments.models import MLP
         if not isinstance(model_or_state, MLP):
             return None
     state = _state_of(model_or_state)
@@ -571,126 +411,3 @@ def load_sparse(path: str | os.PathLike, model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------- size
-
-@dataclass
-class SizeRow:
-    name: str
-    kind: str
-    shape: tuple[int, ...]
-    sparsity: float | None
-    dense_fp32_bytes: int
-    stored_bytes: int
-
-    @property
-    def ratio(self) -> float:
-        return self.stored_bytes / self.dense_fp32_bytes if self.dense_fp32_bytes else float("nan")
-
-
-@dataclass
-class SizeReport:
-    """Per tensor: bytes in the file against the same tensor dense in fp32 (masks are not
-    part of a dense model, so they count only on the file side)."""
-
-    path: str
-    rows: list[SizeRow]
-    file_bytes: int
-
-    @property
-    def dense_fp32_bytes(self) -> int:
-        return sum(r.dense_fp32_bytes for r in self.rows)
-
-    @property
-    def ratio(self) -> float:
-        return self.file_bytes / self.dense_fp32_bytes if self.dense_fp32_bytes else float("nan")
-
-    def __str__(self) -> str:
-        head = f"{'tensor':<32} {'stored as':<12} {'shape':<18} {'sparsity':>8} {'dense fp32':>12} {'in file':>12} {'ratio':>7}"
-        lines = [head, "-" * len(head)]
-        for r in self.rows:
-            sp = f"{r.sparsity:.1%}" if r.sparsity is not None else "-"
-            lines.append(f"{r.name:<32} {r.kind:<12} {str(list(r.shape)):<18} {sp:>8} "
-                         f"{_human(r.dense_fp32_bytes):>12} {_human(r.stored_bytes):>12} {r.ratio:>6.3f}x")
-        lines.append("-" * len(head))
-        lines.append(f"file {self.path}: {_human(self.file_bytes)} ({self.file_bytes} bytes, header included) "
-                     f"vs dense fp32 state dict {_human(self.dense_fp32_bytes)} "
-                     f"({self.dense_fp32_bytes} bytes): {self.ratio:.3f}x")
-        return "\n".join(lines)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def size_report(path: str | os.PathLike) -> SizeReport:
-    """Bytes per tensor in a file written by :func:`save_sparse` against dense fp32
-    (floating tensors at 4 bytes per element, integer buffers at their own size)."""
-    path = os.fspath(path)
-    header, _, entries, _ = _read_metadata(path)
-    rows = []
-    for e in entries:
-        _check_entry(path, e, header)
-        numel = int(math.prod(e["shape"]))
-        dtype = _DTYPES[e["dtype"]]
-        per = 8 if dtype.is_complex else 4 if dtype.is_floating_point else _itemsize(dtype)
-        stored = 0
-        for part in _KEY_PARTS[e["kind"]]:
-            start, stop = header[_key(e["name"], part)]["data_offsets"]
-            stored += int(stop) - int(start)
-        rows.append(SizeRow(e["name"], e["kind"], tuple(e["shape"]), e.get("sparsity"), numel * per, stored))
-    return SizeReport(path, rows, os.path.getsize(path))
-
-
-# ------------------------------------------------------------------------ command line
-
-def _load_checkpoint_state(source: str) -> Mapping[str, Tensor]:
-    if os.path.isdir(source):
-        ckpt = os.path.join(source, "checkpoint.pt")
-        if not os.path.isfile(ckpt):
-            raise FileNotFoundError(f"{source} is a folder without checkpoint.pt; pass a run folder or a checkpoint file")
-        source = ckpt
-    if not os.path.isfile(source):
-        raise FileNotFoundError(f"no such checkpoint: {source}")
-    try:
-        obj = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read {source} as a torch checkpoint: {e}") from e
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{source} holds no model state_dict (expected a dict with the key 'model', "
-                         "or a state_dict itself)")
-    return obj
-
-
-def export_command(source: str, out: str, format: str = "auto",
-                   model_spec: Mapping[str, Any] | None = None) -> str:
-    """``fastsparse export``: write ``source``'s model state_dict to ``out`` compressed and
-    return the size report (per tensor, and the file against the dense fp32 state dict).
-
-    ``source`` is a checkpoint saved with ``torch.save({"model": state_dict, ...})`` (or a
-    bare state_dict), or a run folder holding such a ``checkpoint.pt``. No model is built:
-    the masks are read from the state_dict's ``<name>_mask`` entries. The MLP layout is
-    recognised and recorded as the model spec unless ``model_spec`` is given.
-    """
-    state = _load_checkpoint_state(os.fspath(source))
-    save_sparse(state, out, format=format, model_spec=model_spec)
-    report = size_report(out)
-    n_masked = sum(1 for r in report.rows if r.kind != "dense")
-    return (f"exported {source} -> {out} (format {format}; {n_masked} masked tensors compressed, "
-            f"{len(report.rows) - n_masked} stored dense)\n{report}")
-
-
-def build_model(spec: Mapping[str, Any] | None) -> nn.Module | None:
-    """The model a spec describes (today: ``{"name": "mlp", "sizes": [...]}``), else ``None``."""
-    if not spec or spec.get("name") != "mlp":
-        return None
-    sizes = spec.get("sizes")
-    if not isinstance(sizes, list) or len(sizes) < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
-        raise SparseFileError(f"model spec {dict(spec)!r} has no valid 'sizes'")
-    from ..experiments.models import MLP
-    return MLP(sizes)
-

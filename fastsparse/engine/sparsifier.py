@@ -72,6 +72,8 @@ class Sparsifier:
         them call :meth:`before_step` before and :meth:`step` after every optimizer step.
       auto_finish: run the recipes' end of training (Sup-tickets' superposition) at the last step;
         a driver that evaluates first passes False and calls :meth:`finish` itself.
+      attach_only: only attach the masks (e.g. so that a checkpoint's mask buffers load before
+        training starts); such an engine has no recipes and cannot step.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class Sparsifier:
         check_ranks: bool = True,
         hook: bool | None = None,
         auto_finish: bool = True,
+        attach_only: bool = False,
     ):
         self.model = _unwrap(model)
         self.optimizer = optimizer
@@ -100,6 +103,7 @@ class Sparsifier:
         self.zero_grown_state = zero_grown_state
         self.check_ranks = check_ranks
         self.auto_finish = auto_finish
+        self.attach_only = attach_only
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
         self.lr_used: float | None = None
@@ -114,7 +118,7 @@ class Sparsifier:
             if not isinstance(a, SparsityAlgorithm):
                 raise TypeError(f"algorithm must be a SparsityAlgorithm or a registered name, got {a!r}")
         if hook is None:
-            hook = isinstance(optimizer, torch.optim.Optimizer)
+            hook = isinstance(optimizer, torch.optim.Optimizer) and not attach_only
         if hook and not isinstance(optimizer, torch.optim.Optimizer):  # checked before any mask is attached
             raise TypeError("hook=True needs a torch.optim.Optimizer; call sparsifier.step() yourself otherwise")
         self.hooked = bool(hook)
@@ -180,6 +184,8 @@ class Sparsifier:
                 continue
             if cls.own_loop:
                 raise EntryPointRefused(cls.own_loop.format(name=g.algorithm.name))
+            if self.attach_only:
+                continue
             if cls.exclusive and len(groups) > 1:
                 raise EntryPointRefused(f"{g.algorithm.name} acts on the whole model (learning rate, superposition): "
                                         "it must be the only algorithm of its engine")
@@ -194,7 +200,7 @@ class Sparsifier:
     def _setup_for(self, algorithm: SparsityAlgorithm, params: list[SparseParam]) -> Setup:
         """What ``initial_masks`` may use; a batch and gradients only for methods that need them."""
         needs = set(getattr(algorithm, "needs", ()))
-        batch = self.data.batch() if self.data.given else None
+        batch = self.data.batch() if needs & {"batch", "gradients", "shape"} else None
         if "gradients" in needs and any(sp.param.grad is None for sp in params):
             if batch is None:
                 raise ValueError(f"{algorithm.name} chooses its first masks by gradient: pass data= (a batch or a "
@@ -242,6 +248,8 @@ class Sparsifier:
         Returns True if masks changed. Called by the optimizer hook; call it yourself only
         when the engine has no hook (``hook=False`` or a non-torch optimizer).
         """
+        if self.attach_only:
+            raise RuntimeError("this engine only attached the masks (attach_only=True): build one to train with")
         if self._owns_lr and self._prepared_for != self.step_count:
             raise EntryPointRefused(
                 "this method sets the learning rate of its steps, but sparsifier.before_step() was not called "

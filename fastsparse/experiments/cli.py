@@ -128,10 +128,18 @@ def validate(
 ) -> None:
     """Check a config without training: print each parameter, its algorithm and target density
     (the dry run), or every problem with its path in the config. Needs no data: without the data
-    files it checks the config on the data set's shapes, and says so."""
+    files it checks the config on the data set's shapes, and says so. A compare suite file is
+    checked as a suite."""
+    from .config import load_yaml
     from .experiment import prepare
+    from .suite import is_suite, load_suite
 
     try:
+        if not set_ and is_suite(load_yaml(config)):
+            spec = load_suite(config)
+            methods = ", ".join(spec.methods) if spec.methods else "every registered method that fits"
+            out_console.print(f"valid suite: {methods} at sparsities {spec.sparsities}, {spec.seeds} seeds")
+            return
         experiment, notes = _load(config, set_ or [])
         exp = prepare(experiment, load_data=False, require_data=False)
     except ConfigError as e:
@@ -237,7 +245,7 @@ def export(
     format: str = typer.Option("auto", "--format", help="auto (smaller of the two per tensor), bitmask or csr."),
 ) -> None:
     """Write the trained model compressed and print its size against the dense fp32 state dict."""
-    from ..deploy.export import SparseFileError, export_command
+    from ..deploy import SparseFileError, export_command
 
     if format not in ("auto", "bitmask", "csr"):
         _fail(f"--format must be auto, bitmask or csr, got {format!r}")
@@ -254,8 +262,7 @@ def bench_inference(
     batch: str = typer.Option("1,16,128", "--batch", help="Comma-separated batch sizes."),
 ) -> None:
     """Print dense vs sparse (CSR) latency per layer and end to end."""
-    from ..deploy.export import SparseFileError
-    from ..deploy.inference import bench_inference_command
+    from ..deploy import SparseFileError, bench_inference_command
 
     try:
         batches = [int(b) for b in batch.split(",") if b.strip()]

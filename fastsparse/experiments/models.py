@@ -24,25 +24,12 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..core.nets import MLP
+
 __all__ = [
     "MLP", "SmallCNN", "LeNet5", "ResNet", "ResNet18", "ResNet50", "WideResNet", "TransformerEncoder", "Attention",
     "MODELS", "create_model", "list_models",
 ]
-
-
-class MLP(nn.Sequential):
-    """Fully connected ReLU network, e.g. ``MLP([64, 300, 100, 10])``; inputs are flattened."""
-
-    def __init__(self, sizes: Sequence[int] = (64, 300, 100, 10)):
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
-        super().__init__(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.flatten(1))
 
 
 class SmallCNN(nn.Module):

@@ -19,7 +19,8 @@ from .config.specs import Spec, check_levels
 from .experiment import prepare
 from .runner import run
 
-__all__ = ["DIGITS_BASE", "SUITE_BLOCK", "SuiteSpec", "load_suite", "method_config", "suite_methods", "run_suite"]
+__all__ = ["DIGITS_BASE", "SUITE_BLOCK", "SuiteSpec", "load_suite", "is_suite", "method_config", "suite_methods",
+           "run_suite"]
 
 log = logging.getLogger("fastsparse.train")
 
@@ -61,6 +62,12 @@ class SuiteSpec(Spec):
         for s in v:
             check_levels(s, 0.0, 1.0, False, "sparsity")
         return v
+
+
+def is_suite(raw: Any) -> bool:
+    """A compare suite file (``base``/``methods``/``block``/``seeds``), not an experiment."""
+    return isinstance(raw, dict) and bool({"methods", "base", "block", "seeds", "sparsities"} & set(raw)) \
+        and not {"model", "data", "sparsity"} & set(raw)
 
 
 def load_suite(path: str | Path | None = None) -> SuiteSpec:

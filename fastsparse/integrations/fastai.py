@@ -129,6 +129,9 @@ class _EngineCallback(Callback):
     def after_cancel_step(self) -> None:
         self._cancelled = True
 
+    def before_step(self) -> None:
+        self._before_step()
+
     def after_step(self) -> None:
         if not self._cancelled:
             self._step(self._progress())
@@ -159,6 +162,9 @@ class _EngineCallback(Callback):
                       "estimated from the epoch", stacklevel=2)
         self._set_step_count(self.epoch * self._steps_per_epoch())
 
+    def _before_step(self) -> None:
+        """Before the optimizer step (the engine sets a recipe's learning rate)."""
+
     def _finish(self) -> None:
         """After the fit, before the state is saved (subclasses: ``_build``, ``_step``, ``_state``,
         ``_load``, ``_set_step_count``)."""
@@ -169,16 +175,22 @@ class SparseTrainingCallback(_EngineCallback):
 
     The algorithm's schedules see ``step`` = optimizer steps done in this fit and
     ``progress`` = fraction of the fit done, so points given as fractions of training
-    (``UpdateSchedule(freq=50, stop=0.75)``) follow fastai's epochs. After the fit,
-    ``self.sparsifier`` holds the engine (its ``report()``, ``history``, ``sparsity()``).
+    (``UpdateSchedule(freq=50, stop=0.75)``) follow fastai's epochs. The whole method runs: the
+    engine's recipe sets the learning rate where the method owns it (before each optimizer step,
+    over fastai's own schedule), rewinds, saves tickets, superposes at the end of the fit; the
+    training data (``learn.dls.train``, or ``data``) gives the batch of methods that score weights
+    at attach and Sup-tickets' BatchNorm statistics. A method that runs its own loop (a score
+    search) is refused at ``before_fit``. After the fit, ``self.sparsifier`` holds the engine.
     """
 
-    def __init__(self, algorithm: SparsityAlgorithm | str, seed: int = 0, zero_grown_state: bool = True):
+    def __init__(self, algorithm: SparsityAlgorithm | str, seed: int = 0, zero_grown_state: bool = True,
+                 data: Any = None):
         if isinstance(algorithm, str):
             algorithm = create(algorithm)
         if not isinstance(algorithm, SparsityAlgorithm):
             raise TypeError(f"algorithm must be a SparsityAlgorithm or a registered name, got {algorithm!r}")
         self.algorithm, self.seed, self.zero_grown_state = algorithm, int(seed), zero_grown_state
+        self.data = data
         self.sparsifier: Sparsifier | None = None
 
     def make_algorithm(self, model: nn.Module) -> SparsityAlgorithm:
@@ -187,9 +199,14 @@ class SparseTrainingCallback(_EngineCallback):
     def _build(self) -> None:
         model = _unwrap(self.learn.model)
         total = self.n_epoch * self._steps_per_epoch()
+        data = self.data if self.data is not None else (lambda: self.learn.dls.train)
         self.sparsifier = Sparsifier(model, _engine_optimizer(self.learn.opt), self.make_algorithm(model),
                                      total_steps=total, seed=self.seed, zero_grown_state=self.zero_grown_state,
-                                     hook=False)
+                                     hook=False, data=data, steps_per_epoch=self._steps_per_epoch())
+
+    def _before_step(self) -> None:
+        if self.sparsifier is not None:
+            self.sparsifier.before_step()
 
     def _step(self, progress: float) -> None:
         sp = self.sparsifier
@@ -249,7 +266,7 @@ class DynamicSparseTrainingCallback(SparseTrainingCallback):
         self.initial_drop_grow_pct, self.stop_pct = initial_drop_grow_pct, stop_pct
         self.keep_score_f, self.grow_score_f, self.redistribution = keep_score_f, grow_score_f, redistribution
         self.seed, self.zero_grown_state = int(seed), zero_grown_state
-        self.sparsifier = None
+        self.data, self.sparsifier = None, None
 
     def make_algorithm(self, model: nn.Module) -> SparsityAlgorithm:
         bpu = self.batches_per_update or self._steps_per_epoch()

@@ -51,10 +51,17 @@ class SparseLightningCallback(Callback):
       seed: seeds the initial masks and random growth (identical on every rank); for a
         config, None keeps the config's own seed.
       check_ranks: under DDP, verify after every update that all ranks hold the same masks.
+      data: a batch or a DataLoader for methods that score weights at attach (SNIP, GraSP; needed
+        at ``setup``); by default the Trainer's training data is what Sup-tickets re-estimates
+        BatchNorm statistics on.
+
+    The whole method runs through the engine (its hooks on the optimizer: a recipe's learning
+    rate before each step, masks and updates after, the end of the method at the last step); a
+    method that runs its own loop (a score search) is refused at ``setup``.
     """
 
     def __init__(self, sparsity: SparsityAlgorithm | Sequence[SparsityAlgorithm] | Config | str | Path,
-                 seed: int | None = None, check_ranks: bool = True):
+                 seed: int | None = None, check_ranks: bool = True, data: Any = None):
         self.algorithm: SparsityAlgorithm | list[SparsityAlgorithm] | None = None
         self.config: Config | None = None
         if isinstance(sparsity, SparsityAlgorithm):
@@ -75,29 +82,33 @@ class SparseLightningCallback(Callback):
                             f"({list_algorithms()}), a config dict or list, or a YAML path")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an integer or None, got {seed!r}")
-        self.seed, self.check_ranks = seed, check_ranks
+        self.seed, self.check_ranks, self.data = seed, check_ranks, data
         self.sparsifier: Sparsifier | None = None
         self._pending: dict | None = None
         self._logged = 0
 
-    def _engine(self, module: nn.Module, optimizer: Any, total_steps: int | None) -> Sparsifier:
+    def _engine(self, trainer: pl.Trainer, module: nn.Module, optimizer: Any, total_steps: int | None,
+                **kwargs: Any) -> Sparsifier:
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        kwargs.update(data=self.data if self.data is not None else (lambda: trainer.train_dataloader),
+                      steps_per_epoch=total_steps // epochs if total_steps and epochs else None,
+                      check_ranks=self.check_ranks)
         if self.config is not None:
             from ..experiments.config import from_config
 
-            engine = from_config(module, optimizer, self.config, total_steps=total_steps, seed=self.seed)
-            engine.check_ranks = self.check_ranks
-            return engine
+            return from_config(module, optimizer, self.config, total_steps=total_steps, seed=self.seed, **kwargs)
         return Sparsifier(module, optimizer, self.algorithm, total_steps=total_steps,
-                          seed=0 if self.seed is None else self.seed, check_ranks=self.check_ranks)
+                          seed=0 if self.seed is None else self.seed, **kwargs)
 
     # --- hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._engine(pl_module, None, None)  # attaches masks; the model already carrying them keeps them
+        # attaches masks (so that a checkpoint's mask buffers load); the model already carrying them keeps them
+        self._engine(trainer, pl_module, None, None, attach_only=True)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = trainer.estimated_stepping_batches
         total = int(total) if total != float("inf") else None
-        self.sparsifier = self._engine(pl_module, self._optimizer(trainer, pl_module), total)
+        self.sparsifier = self._engine(trainer, pl_module, self._optimizer(trainer, pl_module), total)
         if self._pending is not None:
             self.sparsifier.load_state_dict(self._pending)
             self._pending = None
