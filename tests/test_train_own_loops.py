@@ -140,11 +140,12 @@ def test_gem_fine_tuning_trains_the_weights_under_the_found_mask(tmp_path):
     assert summary["sparsity"] == pytest.approx(0.9, abs=1e-3)
 
 
-def test_gem_run_resumes_in_fine_tuning_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("stop", [3, 7, 8])   # inside the search, at its end, inside fine-tuning
+def test_gem_run_resumes_in_either_phase_bit_for_bit(tmp_path, stop):
     cfg = gem()
     whole = run(cfg, tmp_path / "a", progress=False)
     with pytest.raises(RunInterrupted):
-        run(cfg, tmp_path / "b", progress=False, on_epoch_end=_interrupt_at(8))
+        run(cfg, tmp_path / "b", progress=False, on_epoch_end=_interrupt_at(stop))
     (run_b,) = (tmp_path / "b").iterdir()
     resumed = run(cfg, tmp_path / "b", progress=False, resume=True)
     _same_run(whole, run_b, resumed)

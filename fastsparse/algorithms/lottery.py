@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..core.distributions import resolve_sparsities
-from ..core.errors import ParameterError
 from ..core.masks import SparseParam
 from ..core.schedules import Clock
 from ..core.structured import check_scope, resolve_dims, select_masks
@@ -110,11 +109,11 @@ class IMP(SparsityAlgorithm):
 
     def __init__(self, sparsity: float = 0.9, prune_fraction: float = 0.2, scope: str = "global",
                  granularity: str = "weight", distribution: str | Callable = "uniform",
-                 rewind_step: int | float = 0, **kwargs):
-        if kwargs.get("update") is not None:
-            raise ParameterError("update", "IMP places its levels itself (spread over the training budget, each "
-                                           "one rewound): leave update out")
-        super().__init__(sparsity, distribution, **kwargs)
+                 rewind_step: int | float = 0, init_method: str = "random",
+                 include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None,
+                 param_filter: Callable | None = None):
+        # no ``update``: IMP places its levels itself, spread over the training budget
+        super().__init__(sparsity, distribution, init_method, include, exclude, param_filter)
         self.prune_fraction = check_prune_fraction(prune_fraction)
         self.scope = check_scope(scope)
         self.granularity = granularity

@@ -188,7 +188,10 @@ def _check_block_keys(raw: dict, algorithm: str | None, path: tuple, overlay: bo
         where = format_path(path + (key,))
         if key in fields:
             if key == "update" and key not in params and value is not None:
-                notes.append(f"{where}: {algorithm} does not use {key}; ignored")
+                nested = [k for k in params if nested_algorithm(params, k, merged) is not None]
+                hint = f" (the update of its {nested[0][:-7]} goes in {nested[0]})" if nested else ""
+                problems.append(Problem(where, f"{algorithm} decides itself when its masks change: it takes no "
+                                               f"{key}; leave it out{hint}"))
         elif key not in accepted:
             if overlay and key in ("param_filter", "param_filters", "exclude"):
                 problems.append(Problem(where, "an overlay cannot set its own filter: its pattern is the filter"))
