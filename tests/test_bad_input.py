@@ -176,7 +176,7 @@ def test_hook_with_non_torch_optimizer_fails_before_attaching():
         fs.Sparsifier(model, FastaiLikeOptimizer(), "set", hook=True)
     _assert_untouched(model, snap)
     # without the hook the same optimizer is fine (the caller drives sparsifier.step())
-    fs.Sparsifier(model, FastaiLikeOptimizer(), "set")
+    fs.Sparsifier(model, FastaiLikeOptimizer(), "set", total_steps=100)
     assert len(fs.sparse_params(model)) == 3
 
 
@@ -298,13 +298,14 @@ def test_sparsifier_state_with_other_names_or_groups_is_rejected():
 
 def test_fraction_schedule_without_total_steps_fails_clearly_and_changes_no_mask():
     # a stop given as a fraction of training needs total_steps (or the wrapper's pct_train)
+    # (refused when the engine is built, not at the first update deep inside training)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sparsifier = fs.Sparsifier(model, opt, fs.RigL(sparsity=0.5, update=UpdateSchedule(freq=1, stop=0.75)))
-    masks = [sp.mask.clone() for sp in fs.sparse_params(model)]
-    x, y = batch()
-    nn.functional.cross_entropy(model(x), y).backward()
-    with pytest.raises(ValueError, match="total_steps"):
-        opt.step()
-    assert all(torch.equal(sp.mask, m) for sp, m in zip(fs.sparse_params(model), masks))
-    assert sparsifier.history == []
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"RigL.* reads its schedules in fractions of training: pass total_steps"):
+        fs.Sparsifier(model, opt, fs.RigL(sparsity=0.5, update=UpdateSchedule(freq=1, stop=0.75)))
+    _assert_untouched(model, snap)
+    with pytest.raises(ValueError, match="pass total_steps"):   # no stop: the drop fraction decays over all of training
+        fs.Sparsifier(model, opt, fs.RigL(sparsity=0.5, update=UpdateSchedule(freq=1)))
+    _assert_untouched(model, snap)
+    fs.Sparsifier(model, opt, fs.RigL(sparsity=0.5, update=UpdateSchedule(freq=1, stop=300)))   # every point in steps

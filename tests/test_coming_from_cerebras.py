@@ -146,7 +146,7 @@ def test_balance_in_groups_and_balance_out_groups():
     block = {"algorithm": "rigl", "sparsity": 0.5, "update": {"freq": 1},
              "param_filters": {"*attn.[qkv].weight": {"balance_out_groups": 4},
                                "*attn.out.weight": {"balance_in_groups": 4}}}
-    sparse.from_config(model, None, block)
+    sparse.from_config(model, None, block, total_steps=10)
     q, out = model.layers[0].attn.q.weight_mask, model.layers[0].attn.out.weight_mask
     assert q.view(4, 4, 16).sum((1, 2)).tolist() == [32] * 4         # each head's rows: same count
     assert out.view(16, 4, 4).sum((0, 2)).tolist() == [32] * 4       # each head's columns

@@ -209,6 +209,7 @@ def test_custom_keep_score_f_and_grow_score_f():
     # drop floor(0.4 · 5) = 2 actives with the lowest keep score (the last ones: 9, 10), grow 2 by
     # the highest grow score among the inactive or just dropped (the last ones again: 9, 10)
     assert model[0].weight_mask.view(-1).nonzero().view(-1).tolist() == [5, 6, 7, 8, 9]
+    wrapper.remove()   # one engine per optimizer
     with pytest.raises(ValueError, match="shape"):
         bad = sparse.DynamicSparseTrainingOptimizerWrapper(model, opt, keep_score_f=lambda p, opt: p.sum(),
                                                            batches_per_update=1)

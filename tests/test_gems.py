@@ -134,7 +134,7 @@ def test_gem_search_attaches_ordinary_masks_at_the_target():
     assert model.conv.weight.requires_grad and model.fc.bias.requires_grad
     assert not model.bn.weight.requires_grad and torch.equal(model.bn.weight, torch.ones(4))
     # the engine and the registry see an ordinary masked model
-    engine = sparse.Sparsifier(model, None, "static")
+    engine = sparse.Sparsifier(model, None)   # no algorithm: the masks as they are
     assert engine.sparsity() == pytest.approx(1 - n_keep(total, 0.8) / total)
 
 

@@ -3,10 +3,11 @@ the filter touched (7), init methods, groups, state and removal."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -59,6 +60,7 @@ def _ce_step(model, opt, x, y):
 @given(shape=SHAPES, s=st.floats(0.0, 1.0, exclude_max=True), opt_name=st.sampled_from(sorted(OPTIMIZERS)),
        alg=st.sampled_from(["static", "set", "rigl", "snfs"]), seed=st.integers(0, 10_000))
 def test_exact_zeros_after_every_step_property(shape, s, opt_name, alg, seed):
+    assume(round((1 - s) * math.prod(shape)) >= 1)   # a layer left empty is refused
     torch.manual_seed(seed)
     layer = _one_layer(shape)
     opt = OPTIMIZERS[opt_name](layer.parameters())
@@ -376,7 +378,13 @@ def test_engine_adopts_masks_already_on_the_model():
     model = mlp()
     fs.sparsify_model(model, 0.6, seed=4)
     masks = [sp.mask.clone() for sp in fs.sparse_params(model)]
-    sparsifier = fs.Sparsifier(model, None, fs.RigL(sparsity=0.95))
+    # an algorithm that asks for other counts is refused: the masks are not silently kept at 0.6
+    with pytest.raises(ValueError, match=r"already carries masks.*sparsity 0\.6.*RigL\(sparsity=0\.95.*asks for"):
+        fs.Sparsifier(model, None, fs.RigL(sparsity=0.95), total_steps=100)
+    sparsifier = fs.Sparsifier(model, None, fs.RigL(sparsity=0.6), total_steps=100)   # the same counts: adopted
+    assert all(torch.equal(sp.mask, m) for sp, m in zip(fs.sparse_params(model), masks))
+    sparsifier.remove()
+    sparsifier = fs.Sparsifier(model, None)   # no algorithm: train the masks as they are
     assert all(torch.equal(sp.mask, m) for sp, m in zip(fs.sparse_params(model), masks))
     assert [r["target_sparsity"] for r in sparsifier.report()] == pytest.approx([0.6, 0.6, 0.6], abs=1e-2)
 

@@ -201,6 +201,7 @@ class PruneInit(SparsityAlgorithm):
     name = "prune_uniform"
     scope = "local"
     regrow = False
+    checks_held_masks = False   # its sparsity is a fraction of the weights nonzero when it attaches
 
     def __init__(self, sparsity: float = 0.5, granularity: str = "weight",
                  distribution: str | Callable = "uniform", **kwargs):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..core.distributions import check_sparsity, resolve_sparsities
-from ..core.masks import SparseParam, attach_mask, select_params, sparse_params
+from ..core.masks import SparseParam, attach_mask, select_params, sparse_params, zero_outside_
 from ..core.structured import check_scope, select_masks
 from .base import Setup, SparsityAlgorithm, generator_for, register
 
@@ -276,7 +276,7 @@ def reinit_weights(model: nn.Module, seed: int = 0) -> None:
                 seen.add(id(sp.module))
                 sp.module.reset_parameters()
     for sp in sps:
-        sp.param.mul_(sp.mask)
+        zero_outside_(sp.param, sp.mask)
 
 
 # --- as registered algorithms ----------------------------------------------------------------------

@@ -24,7 +24,9 @@ def _shape(p) -> tuple[int, ...]:
 
 
 def check_sparsity(value: float, what: str = "sparsity") -> float:
-    """A model or layer sparsity must lie in [0, 1)."""
+    """A model or layer sparsity must be a number (not a string, not a bool) in [0, 1)."""
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise TypeError(f"{what} must be a number in [0, 1), got {value!r}")
     try:
         value = float(value)
     except (TypeError, ValueError):

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 __all__ = [
     "MASK_SUFFIX", "SparseParam", "default_param_filter", "select_params", "sparse_params",
     "attach_mask", "detach_masks", "apply_masks", "n_keep", "topk_mask", "global_topk_masks",
-    "sparsity_of", "MaskSet", "snapshot_state", "restore_state", "DENSE_NAME_PARTS",
+    "sparsity_of", "MaskSet", "snapshot_state", "restore_state", "DENSE_NAME_PARTS", "zero_outside_",
+    "check_not_empty",
 ]
 
 MASK_SUFFIX = "_mask"
@@ -55,6 +56,40 @@ class SparseParam:
     @property
     def mask_name(self) -> str:
         return self.name + MASK_SUFFIX
+
+
+_INT_VIEWS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def _bits(mask: Tensor, like: Tensor) -> Tensor:
+    """All-ones bits where ``mask`` is True, zero bits elsewhere, in the integer type of ``like``'s width."""
+    dtype = _INT_VIEWS[like.element_size()]
+    return torch.where(mask, torch.tensor(-1, dtype=dtype, device=mask.device),
+                       torch.tensor(0, dtype=dtype, device=mask.device))
+
+
+@torch.no_grad()
+def zero_outside_(param: Tensor, mask: Tensor) -> Tensor:
+    """Every weight outside ``mask`` becomes exactly +0.0, whatever it held (NaN and inf included);
+    the weights inside keep their bits. (A multiply would leave NaN · 0 = NaN.)"""
+    if param.is_floating_point():
+        param.view(_INT_VIEWS[param.element_size()]).bitwise_and_(_bits(mask, param))
+    else:
+        param.mul_(mask)
+    return param
+
+
+def check_not_empty(names: Sequence[str], numels: Sequence[int], sparsities: Sequence[float], who: str) -> None:
+    """The rule for empty layers: a sparse parameter keeps at least one weight. A sparsity that
+    leaves a layer none (round((1 − s) · N) = 0) is refused, with the layers and what would fit."""
+    empty = [(n, k) for n, k, s in zip(names, numels, sparsities) if n_keep(k, s) == 0 and s > 0]
+    if empty:
+        listed = ", ".join(f"{n} ({k} weights at sparsity {s:.6g})" for (n, k), s in
+                           zip(empty, [s for n, k, s in zip(names, numels, sparsities) if (n, k) in empty]))
+        worst = min(k for _, k in empty)
+        raise ValueError(f"{who} would leave no weight in {listed}: a sparse layer keeps at least one; use a "
+                         f"sparsity below {1 - 0.5 / worst:.6g} for these layers, a distribution that keeps "
+                         f"small layers denser (erk), or leave them out of the filter")
 
 
 def n_keep(numel: int, sparsity: float) -> int:
@@ -149,7 +184,7 @@ def attach_mask(sp: SparseParam, mask: Tensor) -> None:
         existing.copy_(mask)
     else:
         sp.module.register_buffer(sp.attr + MASK_SUFFIX, mask.clone(), persistent=True)
-    param.mul_(sp.mask)
+    zero_outside_(param, sp.mask)
 
 
 def detach_masks(model: nn.Module) -> None:
@@ -163,22 +198,21 @@ def apply_masks(params: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
     """weights *= mask, in place, as one fused call where the tensors allow."""
     if not params:
         return
-    try:
-        torch._foreach_mul_(list(params), list(masks))
-    except RuntimeError:
-        for p, m in zip(params, masks):
-            p.mul_(m)
+    for p, m in zip(params, masks):
+        zero_outside_(p, m)
 
 
 class MaskSet:
-    """The (weight, mask) pairs of a model, enforced with one fused in-place multiply.
+    """The (weight, mask) pairs of a model, enforced in place: every masked weight becomes
+    exactly 0, whatever it held (a NaN or an inf from a bad step included).
 
     ``find`` lists the sparse parameters; it is called again only when the first one's
     buffer or parameter was replaced by a new tensor (``model.to(...)``,
-    ``load_state_dict(assign=True)``). On the CPU a float-by-bool multiply casts the mask
-    element by element and is about 6x slower than float-by-float, so CPU masks are
-    multiplied as copies in their weight's dtype, rebuilt whenever a mask's version
-    counter shows an in-place change (an update, ``load_state_dict``, ``attach_mask``).
+    ``load_state_dict(assign=True)``). Floating weights are enforced by a bitwise AND of their
+    bits with a cached integer mask (all ones where active): as fast as a float multiply (about
+    6x faster than a float-by-bool multiply on the CPU) and, unlike a multiply, NaN-safe. The
+    cached masks are rebuilt whenever a mask's version counter shows an in-place change (an
+    update, ``load_state_dict``, ``attach_mask``).
     """
 
     def __init__(self, find: Callable[[], list[SparseParam]]):
@@ -198,24 +232,30 @@ class MaskSet:
         return self.masks[0] is not sp.module._buffers.get(sp.attr + MASK_SUFFIX) or \
             self.params[0] is not sp.module._parameters.get(sp.attr)
 
-    def factors(self) -> list[Tensor]:
+    def factors(self) -> list[Tensor] | None:
+        """The integer bit masks (None for inference-mode masks, which have no version counter)."""
         try:
             versions = [m._version for m in self.masks]
-        except RuntimeError:  # inference-mode tensors have no version counter
-            return self.masks
+        except RuntimeError:
+            return None
         if self._factors is None or self._factors[0] != versions:
-            factors = [m.to(p.dtype) if m.device.type == "cpu" and p.is_floating_point() else m
-                       for p, m in zip(self.params, self.masks)]
-            self._factors = (versions, factors)
+            self._factors = (versions, [_bits(m, p) if p.is_floating_point() else m
+                                        for p, m in zip(self.params, self.masks)])
         return self._factors[1]
 
     @torch.no_grad()
     def apply(self) -> None:
-        """weights *= mask for every pair."""
+        """Every masked weight to exactly 0 (see the class)."""
         if self.stale():
             self.refresh()
-        if self.params:
-            torch._foreach_mul_(self.params, self.factors())
+        factors = self.factors()
+        for p, m, f in zip(self.params, self.masks, factors or self.masks):
+            if factors is None:
+                zero_outside_(p, m)
+            elif p.is_floating_point():
+                p.view(f.dtype).bitwise_and_(f)
+            else:
+                p.mul_(f)
 
 
 def _check_scores(scores: Tensor, where: str = "scores") -> None:
@@ -322,4 +362,4 @@ def restore_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     for k, v in state.items():
         own[k].copy_(v)
     for sp in sparse_params(model):
-        sp.param.mul_(sp.mask)
+        zero_outside_(sp.param, sp.mask)

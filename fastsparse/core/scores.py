@@ -127,7 +127,16 @@ SCORES: dict[str, ScoreFn] = {
 
 
 def resolve_score(score: str | ScoreFn, what: str = "score") -> ScoreFn:
+    """A score name or a function ``f(param, opt)`` (checked to take those two arguments now, not
+    at the first mask update)."""
     if callable(score):
+        try:
+            inspect.signature(score).bind(None, None)
+        except TypeError:
+            raise ValueError(f"{what} function {getattr(score, '__name__', score)} must take (param, optimizer), "
+                             f"as f(param, opt) -> a tensor of param's shape") from None
+        except ValueError:   # a builtin without a signature: it is called as it is
+            pass
         return score
     if isinstance(score, str) and score.lower() in SCORES:
         return SCORES[score.lower()]

@@ -11,7 +11,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..algorithms.base import Setup, SparsityAlgorithm
 from ..core.distributions import check_sparsity, uniform_sparsity
-from ..core.masks import MaskSet, attach_mask, n_keep, sparse_params, topk_mask
+from ..core.masks import MaskSet, attach_mask, check_not_empty, n_keep, sparse_params, topk_mask
 
 __all__ = ["sparsify_model", "SparseHandle", "sparse_mask", "sparse_mask_like", "top_k_mask",
            "is_sparseable_module", "sparseable_modules", "mark_fresh", "engine_hooks"]
@@ -130,6 +130,7 @@ def sparsify_model(
     static = SparsityAlgorithm(model_sparsity, dist_f, init_method, include, exclude)
     params = static.select(model)
     sparsities = static.initial_sparsities(params)
+    check_not_empty([sp.name for sp in params], [sp.param.numel() for sp in params], sparsities, "sparsify_model")
     masks = static.initial_masks(params, sparsities, Setup(seed, model))
     for sp, m in zip(params, masks):
         attach_mask(sp, m)

@@ -44,14 +44,30 @@ def dst_algorithm(
         raise ValueError(f"batches_per_update must be an integer ≥ 1, got {batches_per_update!r}")
     if not 0.0 < float(stop_pct) <= 1.0:
         raise ValueError(f"stop_pct must be a fraction of training in (0, 1], got {stop_pct}")
-    param_filter = None
-    if sparse_modules is not None:
-        chosen = {id(m) for m in sparse_modules}
-        masked = {sp.name for sp in sparse_params(model)}
-        param_filter = lambda name, p, m: id(m) in chosen and name in masked  # noqa: E731
-    return DST(drop_fraction=initial_drop_grow_pct, update=UpdateSchedule(freq=bpu, stop=float(stop_pct)),
+    masked = {sp.name: sp for sp in sparse_params(model)}
+    chosen = None if sparse_modules is None else {id(m) for m in sparse_modules}
+    names = [n for n, sp in masked.items() if chosen is None or id(sp.module) in chosen]
+    param_filter = lambda name, p, m: name in names  # noqa: E731
+    # the wrapper adopts the model's masks: its targets are the counts they hold, layer by layer
+    held = {n: 1.0 - int(masked[n].mask.count_nonzero()) / masked[n].mask.numel() for n in names}
+    total = sum(masked[n].mask.numel() for n in names)
+    model_sparsity = sum(held[n] * masked[n].mask.numel() for n in names) / max(1, total)
+    return DST(sparsity=min(model_sparsity, 1.0 - 1e-12), distribution=_Held([held[n] for n in names]),
+               drop_fraction=initial_drop_grow_pct, update=UpdateSchedule(freq=bpu, stop=float(stop_pct)),
                keep_score=keep_score_f, grow_score=grow_score_f, redistribution=redistribution,
                param_filter=param_filter)
+
+
+class _Held:
+    """The layer sparsities the model's masks already hold (a distribution in the engine's terms)."""
+
+    __name__ = "held by the masks"
+
+    def __init__(self, sparsities: list[float]):
+        self.sparsities = sparsities
+
+    def __call__(self, params, model_sparsity: float) -> list[float]:
+        return list(self.sparsities)
 
 
 class DynamicSparseTrainingOptimizerWrapper:
@@ -71,7 +87,7 @@ class DynamicSparseTrainingOptimizerWrapper:
         algorithm = dst_algorithm(model, sparse_modules, batches_per_update, initial_drop_grow_pct, stop_pct,
                                   keep_score_f, grow_score_f, redistribution)
         self.optimizer = opt
-        self.sparsifier = Sparsifier(model, opt, algorithm, seed=seed, **engine_kwargs)
+        self.sparsifier = Sparsifier(model, opt, algorithm, seed=seed, external_clock=True, **engine_kwargs)
 
     def step(self, step: int, pct_train: float, closure=None):
         self.sparsifier.set_clock(step, pct_train)

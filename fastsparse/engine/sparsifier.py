@@ -24,13 +24,15 @@ import torch
 from torch import Tensor, nn
 
 from ..algorithms.base import MaskUpdate, Setup, SparsityAlgorithm, create
-from ..core.masks import MaskSet, SparseParam, attach_mask, sparse_params
+from ..core.masks import MaskSet, SparseParam, attach_mask, sparse_params, zero_outside_
 from ..core.schedules import Clock
 from ._state import pack_bits, unpack_bits
+from .checks import HOOKED as _HOOKED, check_optimizer, check_steps as _check_steps, check_targets
 from .data import DataSource
 from .distributed import check_agreement
 from .handle import engine_hooks, mark_fresh
 from .recipe import EntryPointRefused, Recipe, recipe_class
+from .reporting import final_targets, report_rows
 
 __all__ = ["Sparsifier"]
 
@@ -55,7 +57,9 @@ class Sparsifier:
       optimizer: a ``torch.optim.Optimizer`` (hooks then drive everything), or any object with
         a ``state`` dict (fastai); None if you call :meth:`step` yourself.
       algorithm: an algorithm, a registered name, or a list of algorithms acting on
-        disjoint parameter sets.
+        disjoint parameter sets; None (the default): train the masks the model carries as they are.
+        An algorithm given for a model that already carries masks must ask for the counts the
+        masks hold (a fixed-count method), else it is refused: nothing is silently kept.
       total_steps: training length, needed when schedule points are fractions of training and
         by methods that plan over the whole run (IMP, Sup-tickets).
       seed: seeds every random choice together with the step and the parameter name.
@@ -74,13 +78,15 @@ class Sparsifier:
         a driver that evaluates first passes False and calls :meth:`finish` itself.
       attach_only: only attach the masks (e.g. so that a checkpoint's mask buffers load before
         training starts); such an engine has no recipes and cannot step.
+      external_clock: the driver sets the clock (steps and the fraction of training done) with
+        :meth:`set_clock` before every step (the seed wrapper), so fractions need no total_steps.
     """
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: Any = None,
-        algorithm: SparsityAlgorithm | str | Sequence[SparsityAlgorithm | str] = "static",
+        algorithm: SparsityAlgorithm | str | Sequence[SparsityAlgorithm | str] | None = None,
         *,
         total_steps: int | None = None,
         seed: int = 0,
@@ -92,10 +98,12 @@ class Sparsifier:
         hook: bool | None = None,
         auto_finish: bool = True,
         attach_only: bool = False,
+        external_clock: bool = False,
     ):
         self.model = _unwrap(model)
         self.optimizer = optimizer
-        self.total_steps = total_steps
+        self.total_steps = _check_steps(total_steps, "total_steps")
+        steps_per_epoch = _check_steps(steps_per_epoch, "steps_per_epoch")
         self.seed = int(seed)
         self.data = DataSource(data)
         self.steps_per_epoch = steps_per_epoch
@@ -104,6 +112,7 @@ class Sparsifier:
         self.check_ranks = check_ranks
         self.auto_finish = auto_finish
         self.attach_only = attach_only
+        self.external_clock = external_clock
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
         self.lr_used: float | None = None
@@ -112,6 +121,12 @@ class Sparsifier:
         self._prepared_for: int | None = None
         self._finished = False
 
+        self._adopting = algorithm is None
+        if self._adopting:
+            if not sparse_params(self.model):
+                raise ValueError("the model carries no masks: give an algorithm (a registered name such as "
+                                 "'static' or 'rigl', or an instance) to choose them")
+            algorithm = SparsityAlgorithm()
         algorithms = algorithm if isinstance(algorithm, (list, tuple)) else [algorithm]
         algorithms = [create(a) if isinstance(a, str) else a for a in algorithms]
         for a in algorithms:
@@ -121,6 +136,9 @@ class Sparsifier:
             hook = isinstance(optimizer, torch.optim.Optimizer) and not attach_only
         if hook and not isinstance(optimizer, torch.optim.Optimizer):  # checked before any mask is attached
             raise TypeError("hook=True needs a torch.optim.Optimizer; call sparsifier.step() yourself otherwise")
+        if hook and _HOOKED.get(optimizer) is not None:
+            raise ValueError(f"this optimizer already drives {_HOOKED[optimizer]!r}: call its remove() first (two "
+                             "engines on one optimizer would both update at every step)")
         self.hooked = bool(hook)
         self.groups = self._build_groups(algorithms)
         self._refresh()
@@ -137,6 +155,7 @@ class Sparsifier:
             self._hook_handles = [optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.before_step()),
                                   optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())]
             engine_hooks(optimizer, True)
+            _HOOKED[optimizer] = self
 
     # --- set-up ----------------------------------------------------------------------------
     def _build_groups(self, algorithms: list[SparsityAlgorithm]) -> list[_Group]:
@@ -159,10 +178,12 @@ class Sparsifier:
                 claimed[sp.name] = alg.name
             plans.append((alg, params))
         groups = [_Group(alg, params, []) for alg, params in plans]
+        self._check_optimizer(groups)
         self._make_recipes(groups)     # every recipe checks its entry point before anything changes
         masks_of = []
         for g in groups:
             sparsities = g.algorithm.initial_sparsities(g.params)
+            self._check_targets(g, sparsities, existing)
             todo = [(sp, s) for sp, s in zip(g.params, sparsities) if sp.name not in existing]
             setup = self._setup_for(g.algorithm, [sp for sp, _ in todo]) if todo else None
             masks = g.algorithm.initial_masks([sp for sp, _ in todo], [s for _, s in todo], setup) if todo else []
@@ -176,6 +197,14 @@ class Sparsifier:
             log.info("%s: %d parameters, model sparsity %.4f", g.algorithm.name, len(g.params),
                      self._sparsity_of(g.params))
         return groups
+
+    def _check_optimizer(self, groups: list[_Group]) -> None:
+        check_optimizer(self.optimizer, [sp for g in groups for sp in g.params])
+
+    def _check_targets(self, g: _Group, sparsities: Sequence[float], existing: dict) -> None:
+        check_targets(g.algorithm, g.params, sparsities, existing, adopting=self._adopting,
+                      total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                      probe=not (self.total_steps or self.external_clock or self.attach_only))
 
     def _make_recipes(self, groups: list[_Group]) -> None:
         for g in groups:
@@ -307,7 +336,7 @@ class Sparsifier:
         if union is not None:
             union |= old
         p = sp.param
-        p.mul_(old)
+        zero_outside_(p, old)
         if n_changed:
             if reset_values:
                 p.masked_fill_(grown, 0)
@@ -402,30 +431,12 @@ class Sparsifier:
         return sum(int(u.count_nonzero()) for u in self._union.values()) / total if total else 1.0
 
     def report(self) -> list[dict[str, Any]]:
-        """Per parameter: name, shape, algorithm, target and actual sparsity, active count."""
-        rows = []
-        clock = self.clock()
-        for g in self.groups:
-            targets = g.algorithm.target_sparsities(g.params, clock) or g.targets
-            for sp, t in zip(g.params, targets):
-                active = int(sp.mask.sum())
-                rows.append({"name": sp.name, "shape": tuple(sp.param.shape), "algorithm": g.algorithm.name,
-                             "target_sparsity": float(t), "sparsity": 1 - active / sp.mask.numel(),
-                             "active": active, "numel": sp.mask.numel(),
-                             "explored": int(self._union[sp.name].sum()) if sp.name in self._union else active})
-        return rows
+        """Per parameter: name, shape, algorithm, target and actual sparsity, active and explored counts."""
+        return report_rows(self.groups, self.clock(), self._union)
 
     def final_targets(self) -> dict[str, float]:
         """What each algorithm aims at by the end of training, per parameter."""
-        if not self.total_steps:
-            return {}
-        end = Clock(self.total_steps, self.total_steps, epoch_steps=self.steps_per_epoch)
-        out: dict[str, float] = {}
-        for g in self.groups:
-            targets = g.algorithm.target_sparsities(g.params, end)
-            if targets:
-                out.update({sp.name: float(t) for sp, t in zip(g.params, targets)})
-        return out
+        return final_targets(self.groups, self.total_steps, self.steps_per_epoch)
 
     # --- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -469,6 +480,8 @@ class Sparsifier:
             h.remove()
         if self._hook_handles:
             engine_hooks(self.optimizer, False)
+            if _HOOKED.get(self.optimizer) is self:
+                del _HOOKED[self.optimizer]
         self._hook_handles = []
 
     def __repr__(self) -> str:

@@ -202,7 +202,8 @@ class SparseTrainingCallback(_EngineCallback):
         data = self.data if self.data is not None else (lambda: self.learn.dls.train)
         self.sparsifier = Sparsifier(model, _engine_optimizer(self.learn.opt), self.make_algorithm(model),
                                      total_steps=total, seed=self.seed, zero_grown_state=self.zero_grown_state,
-                                     hook=False, data=data, steps_per_epoch=self._steps_per_epoch())
+                                     hook=False, data=data, steps_per_epoch=self._steps_per_epoch(),
+                                     external_clock=True)
 
     def _before_step(self) -> None:
         if self.sparsifier is not None:

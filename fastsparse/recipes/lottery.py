@@ -173,7 +173,7 @@ def find_ticket(
     # level 0
     params = _level0_params(model, algorithm)
     opt = make_optimizer(model)
-    engine = Sparsifier(model, opt, "static", seed=seed)
+    engine = Sparsifier(model, opt, seed=seed)
     saved: dict[str, Any] = {"state": snapshot_state(model) if rewind_step == 0 else None, "steps": 0}
 
     def count(optimizer, args, kwargs):
@@ -198,7 +198,7 @@ def find_ticket(
             attach_mask(sp, m)
         restore_state(model, saved["state"])
         opt = make_optimizer(model)
-        engine = Sparsifier(model, opt, "static", seed=seed)
+        engine = Sparsifier(model, opt, seed=seed)
         scheduler = make_scheduler(opt) if make_scheduler else None
         if scheduler is not None:
             _advance(scheduler, rewind_step)

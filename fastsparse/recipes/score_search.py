@@ -242,7 +242,7 @@ def finetune(
         raise ValueError("finetune trains a found ticket: the model carries no masks (run search first)")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer or torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    engine = Sparsifier(model, opt, "static", seed=seed)
+    engine = Sparsifier(model, opt, seed=seed)
     total = epochs * len(train_data)  # type: ignore[arg-type]
     sched = scheduler if scheduler is not None or optimizer is not None else _lambda_lr(opt, Cosine(1.0), total)
     model.train()
@@ -327,7 +327,7 @@ class FineTunePhase(Phase):
         masked = {sp.name: sp.mask for sp in sparse_params(model)}
         optimizer = ctx.make_optimizer([p for p in model.parameters() if p.requires_grad], lr=alg.fine_tune_lr)
         total = self.epochs * ctx.steps_per_epoch
-        engine = Sparsifier(model, optimizer, "static", total_steps=total, seed=ctx.seed)
+        engine = Sparsifier(model, optimizer, total_steps=total, seed=ctx.seed)
         return PhaseParts(model, optimizer, alg.fine_tune_schedule(ctx.steps_per_epoch, self.epochs), engine,
                           state=lambda: {"masks": {k: v.clone() for k, v in masked.items()}})
 

@@ -156,7 +156,7 @@ class SparsifyScheduler:
         self.tickets: list[Path] = []
         self.model, self.optimizer = model, optimizer
         self.lth, self.rewind_epoch, self.reset_end, self.reset_optimizer = bool(lth), rewind_epoch, reset_end, reset_optimizer
-        self.engine = Sparsifier(model, optimizer, self.algorithm, seed=seed, hook=False)
+        self.engine = Sparsifier(model, optimizer, self.algorithm, seed=seed, hook=False, external_clock=True)
         self.recipe: SparsifyRecipe = self.engine.groups[0].recipe
         self.recipe.rewind_point = f"rewind_epoch {rewind_epoch} (call before_epoch(epoch) at the start of every epoch)"
         if self.recipe.rewind_state is None and rewind_epoch == 0:   # reset_end without lth rewinds too
