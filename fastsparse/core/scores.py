@@ -131,7 +131,9 @@ def resolve_score(score: str | ScoreFn, what: str = "score") -> ScoreFn:
     at the first mask update)."""
     if callable(score):
         try:
-            inspect.signature(score).bind(None, None)
+            sig = inspect.signature(score)
+            extra = {"generator": None} if "generator" in sig.parameters else {}
+            sig.bind(None, None, **extra)
         except TypeError:
             raise ValueError(f"{what} function {getattr(score, '__name__', score)} must take (param, optimizer), "
                              f"as f(param, opt) -> a tensor of param's shape") from None
