@@ -414,3 +414,39 @@ print('ok')
 """
     out = _python(code)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+# --- sparse execution ------------------------------------------------------------------------------
+def _wrapped_adam(params, **kw):
+    from fastai.optimizer import OptimWrapper
+    return OptimWrapper(params, torch.optim.Adam, **kw)
+
+
+def test_sparse_execution_in_fastai_keeps_the_masked_runs_counts_and_accuracy():
+    from fastsparse.core.sparse_linear import SparseLinear, weight_masks
+
+    runs = {}
+    for execution in ("masked", "sparse"):
+        learn = make_learner(opt_func=_wrapped_adam)
+        cb = DynamicSparseTrainingCallback(**sparse.RigL_presets, batches_per_update=5, execution=execution)
+        fit(learn, 3, cb, lr=1e-2)
+        masks = {k: v.bool().clone() for k, v in weight_masks(learn.model).items()}
+        runs[execution] = (masks, accuracy_of(learn), cb, learn)
+    (mm, macc, mcb, _), (sm, sacc, scb, slearn) = runs["masked"], runs["sparse"]
+    assert sum(isinstance(m, SparseLinear) for m in slearn.model.modules()) == 3
+    assert [int(sm[k].sum()) for k in mm] == [int(v.sum()) for v in mm.values()]
+    agree = sum(int((mm[k] == sm[k]).sum()) for k in mm) / sum(v.numel() for v in mm.values())
+    assert agree > 0.99
+    assert [h["step"] for h in scb.sparsifier.history] == [h["step"] for h in mcb.sparsifier.history]
+    assert macc > 0.85 and abs(sacc - macc) <= 0.03
+
+
+def test_sparse_execution_with_fastais_own_optimizer_is_refused_with_what_to_use():
+    from fastsparse.engine.execution import ExecutionRefused
+
+    learn = make_learner(opt_func=Adam)
+    cb = DynamicSparseTrainingCallback(**sparse.RigL_presets, batches_per_update=5, execution="sparse")
+    with pytest.raises(ExecutionRefused, match="OptimWrapper"):
+        fit(learn, 1, cb)
+    with pytest.raises(ValueError, match="execution must be one of"):
+        SparseTrainingCallback("rigl", execution="fastest")

@@ -183,3 +183,39 @@ def test_ddp_ranks_end_with_identical_masks(ddp_results, run):
     # the logger hears from rank zero only
     assert r0["is_global_zero"] and not r1["is_global_zero"]
     assert len(r0["records"]) == 4 + 3 and r1["records"] == []
+
+
+def _dense_masks(m) -> dict[str, torch.Tensor]:
+    from fastsparse.core.sparse_linear import weight_masks
+    return {k: v.bool().clone() for k, v in weight_masks(m).items()}
+
+
+def test_sparse_execution_trains_the_same_masks_and_resumes_from_a_checkpoint(tmp_path):
+    from fastsparse.core.sparse_linear import SparseLinear, dense_state_dict
+
+    masked_module, masked_cb = module(), SparseLightningCallback(rigl())
+    trainer(4, [masked_cb]).fit(masked_module, digits_loader())
+    full_module, full_cb = module(), SparseLightningCallback(rigl(), execution="sparse")
+    trainer(4, [full_cb]).fit(full_module, digits_loader())
+    layers = [m for m in full_module.net if isinstance(m, SparseLinear)]
+    assert len(layers) == 3 and {c.execution for c in full_cb.sparsifier.choices} == {"sparse"}
+    assert [h["step"] for h in full_cb.sparsifier.history] == [h["step"] for h in masked_cb.sparsifier.history]
+    masked, sparse_ = _dense_masks(masked_module), _dense_masks(full_module)
+    assert [int(sparse_[k].sum()) for k in masked] == [int(v.sum()) for v in masked.values()]
+    agree = sum(int((masked[k] == sparse_[k]).sum()) for k in masked) / sum(v.numel() for v in masked.values())
+    assert agree > 0.999
+
+    half_module, half_cb = module(), SparseLightningCallback(rigl(), execution="sparse")
+    half = trainer(4, [half_cb, StopAfterEpoch(1)])
+    half.fit(half_module, digits_loader())
+    path = tmp_path / "half.ckpt"
+    half.save_checkpoint(path)
+    resumed_module, resumed_cb = module(seed=1), SparseLightningCallback(rigl(), execution="auto")
+    resumed = trainer(4, [resumed_cb])
+    resumed.fit(resumed_module, digits_loader(), ckpt_path=path)   # "auto" replays the checkpoint's choice
+    assert {c.execution for c in resumed_cb.sparsifier.choices} == {"sparse"}
+    assert resumed_cb.sparsifier.history == full_cb.sparsifier.history
+    done, after = dense_state_dict(full_module), dense_state_dict(resumed_module)
+    assert done.keys() == after.keys()
+    for k, v in done.items():
+        assert torch.allclose(after[k].float(), v.float(), atol=1e-6), k

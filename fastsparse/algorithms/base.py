@@ -161,6 +161,11 @@ class SparsityAlgorithm:
         """What the method aims at now, for reports; None means 'what the masks hold'."""
         return None
 
+    def compact_reason(self) -> str | None:
+        """Why this method cannot decide on sparse-executed layers (None: it can), e.g. it reads a
+        state of inactive weights that sparse execution does not keep."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -21,7 +21,10 @@ from torch import Tensor
 
 from ..core.masks import SparseParam, n_keep, topk_mask
 from ..core.schedules import Clock, Cosine, Schedule, UpdateSchedule, check_levels
-from ..core.scores import accepts_generator, checked_score, resolve_score
+from ..core.scores import (
+    accepts_generator, checked_score, gradient_magnitude, gradient_momentum, random_score, resolve_score,
+    weight_magnitude,
+)
 from .base import Setup, SparsityAlgorithm, generator_for, register
 
 __all__ = ["drop_and_grow", "grow_into", "set_drop", "threshold_drop", "layer_scores", "redistribute", "DST", "SET",
@@ -308,6 +311,17 @@ class DST(SparsityAlgorithm):
     @property
     def keeps_count(self) -> bool:  # type: ignore[override]
         return self.redistribution == "none"
+
+    def compact_reason(self) -> str | None:
+        if self.grow_score is gradient_momentum:
+            return ("it grows by the momentum of every position, inactive ones included: a dense state sparse "
+                    "execution does not keep")
+        known = (weight_magnitude, random_score, gradient_magnitude, gradient_momentum)
+        custom = [f for f in (self.keep_score, self.grow_score) if f not in known]
+        if custom:
+            return (f"a custom score ({getattr(custom[0], '__name__', custom[0])}) may read the state of inactive "
+                    "weights, which sparse execution does not keep")
+        return None
 
 
 @register

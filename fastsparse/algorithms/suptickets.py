@@ -247,6 +247,9 @@ class SupTickets(SparsityAlgorithm):
         if plan is None or clock.step < plan.pretrain_steps:
             self.base.commit(params, self._base_clock(clock, plan) if plan is not None else clock)
 
+    def compact_reason(self) -> str | None:
+        return self.base.compact_reason()
+
     def _grow_score(self, sp: SparseParam, optimizer, seed: int, step: int) -> Tensor:
         if isinstance(self.base, DST):
             return self.base._score(self.base.grow_score, sp, optimizer, seed, step, "grow score")

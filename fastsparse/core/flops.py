@@ -26,6 +26,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .sparse_linear import compact_layers
+
 __all__ = ["LayerCost", "layer_costs", "forward_flops", "training_rule", "training_flops"]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -85,7 +87,12 @@ def forward_flops(model: nn.Module, cost: LayerCost, sparse: bool = True) -> int
     total = cost.extra
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
+    compact = compact_layers(model)
     for name, pos in cost.positions.items():
+        if name in compact:   # a sparse-executed layer: its values are the active weights
+            m = compact[name]
+            total += 2 * pos * (m.nnz if sparse else m.in_features * m.out_features)
+            continue
         p = params.get(name)
         if p is None:
             continue

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.nets import MLP
+from ..core.sparse_linear import dense_state_dict
 from .format import (
     FORMAT_NAME, FORMAT_VERSION, FORMATS, SparseFileError, _COL_DTYPES, _CROW_DTYPES, _DTYPES, _KEY_PARTS, _KINDS,
     _MASK_SUFFIX, _SEP, _SHIFTS, _ST_DTYPES, _crc32, _dtype_name, _encode_masked, _find_masks, _key, _matrix_shape,
@@ -53,7 +54,7 @@ __all__ = ["save_sparse", "load_sparse", "read_sparse", "SparseFile", "infer_mod
 
 def _state_of(model_or_state: nn.Module | Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     if isinstance(model_or_state, nn.Module):
-        return model_or_state.state_dict()
+        return dense_state_dict(model_or_state)   # sparse-executed layers as masked Linear weights
     if isinstance(model_or_state, Mapping):
         return model_or_state
     raise TypeError(f"save_sparse needs a model or a state_dict, got {type(model_or_state).__name__}")

@@ -57,12 +57,20 @@ def _optimizer_params(optimizer: Any) -> set[int] | None:
     return None
 
 
+def _numel(sp: Any) -> int:
+    return sp.shape[0] * sp.shape[1] if getattr(sp, "compact", False) else sp.mask.numel()
+
+
+def _active(sp: Any) -> int:   # a SparseLinear's count without building its dense mask
+    return sp.module.nnz if getattr(sp, "compact", False) else int(sp.mask.count_nonzero())
+
+
 def check_optimizer(optimizer: Any, params: list[SparseParam]) -> None:
     """The optimizer must update every sparse parameter (when it says which it holds)."""
     held = _optimizer_params(optimizer)
     if held is None:
         return
-    missing = [sp.name for sp in params if id(sp.param) not in held]
+    missing = [sp.name for sp in params if id(sp.registered if getattr(sp, "compact", False) else sp.param) not in held]
     if missing:
         what = "none of the sparse parameters" if len(missing) == len(params) else f"{missing}"
         raise ValueError(f"the optimizer does not update {what}: build it over the model's parameters "
@@ -74,9 +82,9 @@ def check_targets(alg: SparsityAlgorithm, params: list[SparseParam], sparsities:
     """What the algorithm asks for, against what the model carries and what a layer can lose."""
     held = [sp for sp, s in zip(params, sparsities) if sp.name in existing]
     if held and not adopting and alg.keeps_count and getattr(alg, "checks_held_masks", True):
-        asks = sum(n_keep(sp.mask.numel(), s) for sp, s in zip(params, sparsities) if sp.name in existing)
-        has = sum(int(sp.mask.count_nonzero()) for sp in held)
-        numel = sum(sp.mask.numel() for sp in held)
+        asks = sum(n_keep(_numel(sp), s) for sp, s in zip(params, sparsities) if sp.name in existing)
+        has = sum(_active(sp) for sp in held)
+        numel = sum(_numel(sp) for sp in held)
         if abs(asks - has) > len(held):   # beyond each layer's rounding
             raise ValueError(f"the model already carries masks: {[sp.name for sp in held]} keep {has:,} of "
                              f"{numel:,} weights (sparsity {1 - has / numel:.4f}), but {alg!r} asks for {asks:,} "

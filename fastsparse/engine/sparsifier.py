@@ -18,20 +18,23 @@ the clock nor updates masks.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..algorithms.base import MaskUpdate, Setup, SparsityAlgorithm, create
-from ..core.masks import MaskSet, SparseParam, attach_mask, sparse_params, zero_outside_
+from ..algorithms.base import MaskUpdate, SparsityAlgorithm, create
+from ..core.masks import MaskSet, SparseParam, sparse_params, zero_outside_
 from ..core.schedules import Clock
-from ._state import pack_bits, unpack_bits
-from .checks import HOOKED as _HOOKED, check_optimizer, check_steps as _check_steps, check_targets
+from ._state import engine_state, load_engine_state
+from .checks import HOOKED as _HOOKED, check_steps as _check_steps
 from .data import DataSource
+from .compact import arm, decide, install, lend, union
 from .distributed import check_agreement
+from .execution import OPTIMIZER_LATER, Choice, active_count, check_execution, check_plan, choose, numel_of, to_compact
+from .groups import Group, build_groups, held_params, sparsity_of
 from .handle import engine_hooks, mark_fresh
-from .recipe import EntryPointRefused, Recipe, recipe_class
+from .recipe import EntryPointRefused
 from .reporting import final_targets, report_rows
 
 __all__ = ["Sparsifier"]
@@ -41,12 +44,6 @@ log = logging.getLogger("fastsparse")
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-class _Group:
-    def __init__(self, algorithm: SparsityAlgorithm, params: list[SparseParam], targets: list[float]):
-        self.algorithm, self.params, self.targets = algorithm, params, targets
-        self.recipe: Recipe | None = None
 
 
 class Sparsifier:
@@ -80,6 +77,11 @@ class Sparsifier:
         training starts); such an engine has no recipes and cannot step.
       external_clock: the driver sets the clock (steps and the fraction of training done) with
         :meth:`set_clock` before every step (the seed wrapper), so fractions need no total_steps.
+      execution: ``"masked"`` (dense weights and masks), ``"sparse"`` (every Linear weight that can:
+        only its active values are stored, trained and updated) or ``"auto"`` (per layer, where a
+        calibration measures it faster), or a dict {parameter name: "sparse" | "masked"}; see
+        :mod:`fastsparse.engine.execution`. The optimizer's dense weights are swapped for the
+        compact values in place. ``execution_batch``: the batch size the calibration times.
     """
 
     def __init__(
@@ -99,6 +101,8 @@ class Sparsifier:
         auto_finish: bool = True,
         attach_only: bool = False,
         external_clock: bool = False,
+        execution: str | dict[str, str] = "masked",
+        execution_batch: int | None = None,
     ):
         self.model = _unwrap(model)
         self.optimizer = optimizer
@@ -113,6 +117,8 @@ class Sparsifier:
         self.auto_finish = auto_finish
         self.attach_only = attach_only
         self.external_clock = external_clock
+        self.execution = check_execution(execution)
+        self.choices: list[Choice] = []
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
         self.lr_used: float | None = None
@@ -123,7 +129,7 @@ class Sparsifier:
 
         self._adopting = algorithm is None
         if self._adopting:
-            if not sparse_params(self.model):
+            if not held_params(self.model):
                 raise ValueError("the model carries no masks: give an algorithm (a registered name such as "
                                  "'static' or 'rigl', or an instance) to choose them")
             algorithm = SparsityAlgorithm()
@@ -145,8 +151,13 @@ class Sparsifier:
         self.apply_masks()
         for g in self.groups:   # the initial masks are installed: algorithms commit at step 0
             g.algorithm.commit(g.params, self.clock())
+        if not attach_only:
+            self._execute(execution_batch)
         # ITOP: per sparse parameter, every position that has been active at some point
-        self._union: dict[str, Tensor] = {sp.name: sp.mask.clone() for sp in self._sps}
+        self._union: dict[str, Tensor] = {sp.name: sp.flat() if getattr(sp, "compact", False) else sp.mask.clone()
+                                          for sp in self._sps}
+        if self.choices:
+            self._arm(None if self.external_clock else self.clock().at(1))
         self._check_ranks()
         for g in self.groups:
             if g.recipe is not None:
@@ -157,93 +168,53 @@ class Sparsifier:
             engine_hooks(optimizer, True)
             _HOOKED[optimizer] = self
 
-    # --- set-up ----------------------------------------------------------------------------
-    def _build_groups(self, algorithms: list[SparsityAlgorithm]) -> list[_Group]:
-        existing = {sp.name: sp for sp in sparse_params(self.model)}
-        claimed: dict[str, str] = {}
-        plans = []
-        explicit = [a for a in algorithms if a.selects_explicitly]
-        for alg in algorithms:
-            if alg.selects_explicitly or not existing:
-                params = alg.select(self.model)
-            else:
-                params = list(existing.values())
-            if not alg.selects_explicitly and len(explicit) and len(algorithms) > 1:
-                others = {sp.name for a in explicit for sp in a.select(self.model)}
-                params = [sp for sp in params if sp.name not in others]
-            for sp in params:
-                if sp.name in claimed:
-                    raise ValueError(f"parameter {sp.name} is selected by two algorithms "
-                                     f"({claimed[sp.name]} and {alg.name}); their filters must not overlap")
-                claimed[sp.name] = alg.name
-            plans.append((alg, params))
-        groups = [_Group(alg, params, []) for alg, params in plans]
-        self._check_optimizer(groups)
-        self._make_recipes(groups)     # every recipe checks its entry point before anything changes
-        masks_of = []
-        for g in groups:
-            sparsities = g.algorithm.initial_sparsities(g.params)
-            self._check_targets(g, sparsities, existing)
-            todo = [(sp, s) for sp, s in zip(g.params, sparsities) if sp.name not in existing]
-            setup = self._setup_for(g.algorithm, [sp for sp, _ in todo]) if todo else None
-            masks = g.algorithm.initial_masks([sp for sp, _ in todo], [s for _, s in todo], setup) if todo else []
-            masks_of.append((g, sparsities, todo, masks))
-        # every check passed: now change state
-        for g, sparsities, todo, masks in masks_of:
-            for (sp, _), m in zip(todo, masks):
-                attach_mask(sp, m)
-            g.targets = [s if sp.name not in existing else 1 - float(sp.mask.sum()) / sp.mask.numel()
-                         for sp, s in zip(g.params, sparsities)]
-            log.info("%s: %d parameters, model sparsity %.4f", g.algorithm.name, len(g.params),
-                     self._sparsity_of(g.params))
-        return groups
+    # --- set-up (see .groups) ---------------------------------------------------------------
+    def _build_groups(self, algorithms: list[SparsityAlgorithm]) -> list[Group]:
+        return build_groups(self, algorithms)
 
-    def _check_optimizer(self, groups: list[_Group]) -> None:
-        check_optimizer(self.optimizer, [sp for g in groups for sp in g.params])
+    def _execute(self, batch_size: int | None) -> None:
+        """Sparse execution: the chosen Linear weights become compact (see :mod:`.execution`)."""
+        if self.execution == "masked" and not any(getattr(sp, "compact", False) for g in self.groups for sp in g.params):
+            return
+        if batch_size is None:
+            batch = self.data.batch() if self.data.given else None
+            batch_size = len(batch[0]) if batch is not None else 64
+        optimizer = OPTIMIZER_LATER if self.attach_only else self.optimizer
+        self.choices = choose(self.groups, self.execution, optimizer, int(batch_size))
+        chosen = {c.name for c in self.choices if c.execution == "sparse"}
+        for g in self.groups:
+            g.params = [to_compact(self.model, sp, self.optimizer) if sp.name in chosen and
+                        not getattr(sp, "compact", False) else sp for sp in g.params]
+        self._refresh()
+        for c in self.choices:
+            if c.reason.startswith("cannot run sparse") and self.execution != "masked":
+                log.warning("%s stays masked: %s", c.name, c.reason)
 
-    def _check_targets(self, g: _Group, sparsities: Sequence[float], existing: dict) -> None:
-        check_targets(g.algorithm, g.params, sparsities, existing, adopting=self._adopting,
-                      total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-                      probe=not (self.total_steps or self.external_clock or self.attach_only))
+    def compact(self, execution: str | dict[str, str], batch_size: int | None = None) -> list[Choice]:
+        """Run the chosen Linear weights sparse now, before an optimizer exists (an attach-only
+        engine: Lightning's ``setup``); the engine built later adopts the SparseLinear layers."""
+        if not self.attach_only:
+            raise RuntimeError("compact() is for attach-only engines; pass execution= to the engine instead")
+        self.execution = check_execution(execution)
+        check_plan(self.groups, self.execution, OPTIMIZER_LATER)
+        self._execute(batch_size)
+        return self.choices
 
-    def _make_recipes(self, groups: list[_Group]) -> None:
-        for g in groups:
-            cls = recipe_class(g.algorithm)
-            if cls is None:
-                continue
-            if cls.own_loop:
-                raise EntryPointRefused(cls.own_loop.format(name=g.algorithm.name))
-            if self.attach_only:
-                continue
-            if cls.exclusive and len(groups) > 1:
-                raise EntryPointRefused(f"{g.algorithm.name} acts on the whole model (learning rate, superposition): "
-                                        "it must be the only algorithm of its engine")
-            g.recipe = cls(g.algorithm, g.params, self)
-            g.recipe.check()
-        self._recipes = [g.recipe for g in groups if g.recipe is not None]
-        self._owns_lr = any(r.owns_lr for r in self._recipes)
-        if self._owns_lr and not self.hooked and self.optimizer is None:
-            raise EntryPointRefused("this method sets the learning rate of its steps: the engine needs the "
-                                    "optimizer (pass it to Sparsifier)")
-
-    def _setup_for(self, algorithm: SparsityAlgorithm, params: list[SparseParam]) -> Setup:
-        """What ``initial_masks`` may use; a batch and gradients only for methods that need them."""
-        needs = set(getattr(algorithm, "needs", ()))
-        batch = self.data.batch() if needs & {"batch", "gradients", "shape"} else None
-        if "gradients" in needs and any(sp.param.grad is None for sp in params):
-            if batch is None:
-                raise ValueError(f"{algorithm.name} chooses its first masks by gradient: pass data= (a batch or a "
-                                 f"DataLoader) to the engine, or leave the gradients of a batch in .grad")
-            self.data.gradients(self.model, batch, self.loss_fn)
-        return Setup(self.seed, self.model, self.optimizer, batch)
+    def _arm(self, next_clock: Clock | None) -> None:
+        """Compact layers of a group that updates at ``next_clock`` keep what the backward needs for its
+        dense gradient (None: the driver sets the clock later, so every step is armed)."""
+        for g in self.groups:
+            due = next_clock is None or g.algorithm.is_update(next_clock)
+            arm(g.params, due)
 
     def _refresh(self) -> None:
         self._sps = [sp for g in self.groups for sp in g.params]
         # Enforce every mask the model carries, also those outside the groups (e.g. the
         # wrapper's sparse_modules): a SparseHandle leaves enforcement to the engine.
         ours = {sp.name for sp in self._sps}
+        masked = [sp for sp in self._sps if not getattr(sp, "compact", False)]
         self._enforcer = MaskSet(
-            lambda: self._sps + [sp for sp in sparse_params(self.model) if sp.name not in ours])
+            lambda: masked + [sp for sp in sparse_params(self.model) if sp.name not in ours])
 
     # --- the hot path ----------------------------------------------------------------------
     def apply_masks(self) -> None:
@@ -292,6 +263,11 @@ class Sparsifier:
         plans = []
         for g in self.groups:
             if g.algorithm.is_update(clock):
+                if any(getattr(sp, "compact", False) for sp in g.params):
+                    new = decide(g.algorithm, g.params, self.optimizer, clock, self.seed)
+                    if new is not None:
+                        plans.append((g, new))
+                    continue
                 new = g.algorithm.update_masks(g.params, self.optimizer, clock, self.seed)
                 if new is not None:
                     plans.append((g, self._checked(g, new)))
@@ -300,20 +276,27 @@ class Sparsifier:
             record = {"step": clock.step, "changed": 0, "active": 0}
             for g, (masks, grown) in plans:
                 for i, (sp, m) in enumerate(zip(g.params, masks)):
-                    record["changed"] += self._install(sp, m, None if grown is None else grown[i])
-                    record["active"] += int(m.count_nonzero())
-                g.algorithm.commit(g.params, clock)
+                    again = None if grown is None else grown[i]
+                    if getattr(sp, "compact", False):
+                        record["changed"] += install(sp, m, again, self.optimizer)
+                        self._union[sp.name] = union(self._union[sp.name], sp)
+                    else:
+                        record["changed"] += self._install(sp, m, again)
+                    record["active"] += active_count(sp)
+                g.algorithm.commit(lend(g.params), clock)
                 if g.recipe is not None:
                     g.recipe.after_update(clock)
             record["changed_fraction"] = record["changed"] / max(1, record["active"])
             record["exploration_rate"] = self.exploration_rate()
             self.history.append(record)
             self._check_ranks(clock.step)
+        if self.choices:
+            self._arm(None if self.external_clock else clock.at(clock.step + 1))
         if self.auto_finish and self.total_steps and clock.step >= self.total_steps and not self._finished:
             self.finish()
         return changed
 
-    def _checked(self, g: _Group, new: Any) -> tuple[list[Tensor], list[Tensor] | None]:
+    def _checked(self, g: Group, new: Any) -> tuple[list[Tensor], list[Tensor] | None]:
         masks, grown = (new.masks, new.grown) if isinstance(new, MaskUpdate) else (new, None)
         if len(masks) != len(g.params) or (grown is not None and len(grown) != len(g.params)):
             raise ValueError(f"{g.algorithm.name} returned {len(masks)} masks for {len(g.params)} parameters")
@@ -410,25 +393,22 @@ class Sparsifier:
         return self._finished
 
     def _check_ranks(self, step: int = 0) -> None:
-        if self.check_ranks:
-            check_agreement([sp.name for sp in self._sps], [sp.mask for sp in self._sps], step)
+        if self.check_ranks:   # sparse execution is not offered under torch.distributed
+            masked = [sp for sp in self._sps if not getattr(sp, "compact", False)]
+            check_agreement([sp.name for sp in masked], [sp.mask for sp in masked], step)
 
     # --- reporting -------------------------------------------------------------------------
-    @staticmethod
-    def _sparsity_of(params: Iterable[SparseParam]) -> float:
-        params = list(params)
-        total = sum(sp.mask.numel() for sp in params)
-        return 1.0 - sum(int(sp.mask.count_nonzero()) for sp in params) / max(1, total)
-
     def sparsity(self) -> float:
         """Actual sparsity over every parameter the engine masks."""
-        return self._sparsity_of(self._sps)
+        return sparsity_of(self._sps)
 
     def exploration_rate(self) -> float:
         """ITOP's in-time over-parameterisation rate R_s = |union of all masks so far| / Σ N_l
         (Liu et al. 2021): the fraction of the sparse weights that have been active at some point."""
-        total = sum(u.numel() for u in self._union.values())
-        return sum(int(u.count_nonzero()) for u in self._union.values()) / total if total else 1.0
+        sizes = {sp.name: numel_of(sp) for sp in self._sps}
+        total = sum(sizes.get(n, u.numel()) for n, u in self._union.items())
+        explored = sum(int(u.count_nonzero()) if u.dtype == torch.bool else u.numel() for u in self._union.values())
+        return explored / total if total else 1.0
 
     def report(self) -> list[dict[str, Any]]:
         """Per parameter: name, shape, algorithm, target and actual sparsity, active and explored counts."""
@@ -440,39 +420,11 @@ class Sparsifier:
 
     # --- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "step_count": self.step_count, "seed": self.seed, "total_steps": self.total_steps,
-            "history": list(self.history),
-            "masks": {sp.name: tuple(sp.mask.shape) for sp in self._sps},
-            "algorithms": [g.algorithm.state_dict() for g in self.groups],
-            "recipes": [g.recipe.state_dict() if g.recipe is not None else None for g in self.groups],
-            "finished": self._finished,
-            "explored": {name: pack_bits(u) for name, u in self._union.items()},
-        }
+        return engine_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the clock, algorithm and recipe state; the masks come with the model's state_dict."""
-        shapes = state.get("masks", {})
-        ours = {sp.name: tuple(sp.mask.shape) for sp in self._sps}
-        if shapes and {k: tuple(v) for k, v in shapes.items()} != ours:
-            wrong = sorted(set(shapes) ^ set(ours)) or [k for k in ours if tuple(shapes[k]) != ours[k]]
-            raise ValueError(f"this sparsifier state does not fit the model: masks differ at {wrong}")
-        if len(state.get("algorithms", [])) != len(self.groups):
-            raise ValueError(f"the state holds {len(state.get('algorithms', []))} algorithm groups, "
-                             f"this sparsifier has {len(self.groups)}")
-        self.step_count = int(state["step_count"])
-        self.seed = int(state["seed"])
-        self.total_steps = state.get("total_steps", self.total_steps)
-        self.history = list(state.get("history", []))
-        self._finished = bool(state.get("finished", False))
-        for g, s in zip(self.groups, state["algorithms"]):
-            g.algorithm.load_state_dict(s)
-        for g, s in zip(self.groups, state.get("recipes", [None] * len(self.groups))):
-            if g.recipe is not None and s is not None:
-                g.recipe.load_state_dict(s)
-        for name, packed in state.get("explored", {}).items():   # states saved before ITOP tracking have none
-            if name in self._union:
-                self._union[name].copy_(unpack_bits(packed, self._union[name]))
+        load_engine_state(self, state)
 
     def remove(self) -> None:
         """Stop enforcing and updating; the masks stay on the model (and in its state_dict)."""
@@ -485,5 +437,7 @@ class Sparsifier:
         self._hook_handles = []
 
     def __repr__(self) -> str:
+        if not hasattr(self, "_sps"):
+            return "Sparsifier(<not built>)"
         algs = ", ".join(g.algorithm.name for g in self.groups)
         return f"Sparsifier({algs}; {len(self._sps)} sparse parameters, sparsity {self.sparsity():.4f})"

@@ -154,7 +154,10 @@ def _print_plan(exp: Any, config: Path) -> None:
     rows = exp.plan.rows if exp.plan is not None else []
     blocks = {r.block for r in rows if r.algorithm is not None}
     table = Table(title=escape(f"{config}: dry run"), title_justify="left")
-    for col in ("parameter", "shape", "algorithm", "target density", "active / total", "note"):
+    choices = {c.name: c for c in getattr(exp.sparsifier, "choices", [])}
+    columns = ("parameter", "shape", "algorithm", "target density", "active / total") + \
+        (("execution",) if choices else ()) + ("note",)
+    for col in columns:
         table.add_column(col, justify="right" if col in ("target density", "active / total") else "left",
                          no_wrap=col != "note")
     if exp.plan is None:
@@ -169,8 +172,9 @@ def _print_plan(exp: Any, config: Path) -> None:
             start = f"starts at {100 * (1 - r.start_sparsity):.2f}%" if r.start_sparsity is not None else ""
             source = f"from {r.block}" if len(blocks) > 1 else ""
             note = escape(", ".join(x for x in (source, r.note, start) if x))
+        execution = (_execution_cell(choices[r.name]),) if r.name in choices else ("",) if choices else ()
         table.add_row(escape(r.name), "×".join(map(str, r.shape)), r.algorithm or "[dim]dense[/]",
-                      f"{100 * r.target_density:.2f}%", f"{active:,} / {r.numel:,}", note)
+                      f"{100 * r.target_density:.2f}%", f"{active:,} / {r.numel:,}", *execution, note)
     out_console.print(table)
     sparse = [r for r in rows if r.algorithm is not None]
     if sparse:
@@ -182,6 +186,13 @@ def _print_plan(exp: Any, config: Path) -> None:
         out_console.print(f"valid: dense training, {exp.total_steps:,} steps")
     if len(exp.phases) > 1:
         out_console.print("phases: " + ", then ".join(f"{p.name} ({p.epochs} epochs)" for p in exp.phases))
+
+
+def _execution_cell(choice: Any) -> str:
+    """A dry run's execution column: sparse or masked, and why when it is not what was asked."""
+    if choice.reason.startswith("execution:"):
+        return choice.execution
+    return escape(f"{choice.execution} ({choice.reason})")
 
 
 @app.command()

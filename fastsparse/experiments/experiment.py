@@ -15,6 +15,7 @@ from torch import nn
 
 from ..core.flops import LayerCost, layer_costs
 from ..core.schedules import Clock, Schedule
+from ..engine.execution import ExecutionRefused
 from ..engine.recipe import EntryPointRefused, recipe_class
 from ..engine.sparsifier import Sparsifier
 from ..recipes.base import Phase, PhaseParts, RunContext
@@ -161,11 +162,13 @@ def _data(config: ExperimentConfig, load_data: bool, require_data: bool, notes: 
     return None, tuple(shape), classes, _n_train(name, kwargs)
 
 
-def prepare(config: ExperimentConfig | dict, load_data: bool = True, require_data: bool = True) -> Experiment:
+def prepare(config: ExperimentConfig | dict, load_data: bool = True, require_data: bool = True,
+            execution: dict[str, str] | None = None) -> Experiment:
     """Build model, optimizer, sparsity plan, engine and phases from a config, checking that they fit
     the data. Raises :class:`ConfigError` with every problem found. A dry run (``load_data=False``)
     with ``require_data=False`` checks a config whose data files are absent on shapes alone, with a
-    note. Gradients are taken at attach only by methods that need them."""
+    note. Gradients are taken at attach only by methods that need them. ``execution``: the per-layer
+    choice a run recorded (a resumed ``execution: auto`` run replays it instead of calibrating again)."""
     notes: list[str] = []
     if not isinstance(config, ExperimentConfig):
         config, notes = parse_config(config)
@@ -191,6 +194,8 @@ def prepare(config: ExperimentConfig | dict, load_data: bool = True, require_dat
                      steps_per_epoch, total_steps, cost, [], data, notes, device)
     own = _own_phases(exp)
     if own is not None:
+        if config.execution != "masked":
+            _masked_only(exp, notes)
         exp.phases = own
         return exp
     exp.optimizer = make_optimizer(config, model.parameters())
@@ -200,7 +205,11 @@ def prepare(config: ExperimentConfig | dict, load_data: bool = True, require_dat
         try:
             exp.sparsifier = Sparsifier(model, exp.optimizer, plan.algorithms, total_steps=total_steps,
                                         seed=config.seed, data=batch, steps_per_epoch=steps_per_epoch,
-                                        auto_finish=False)
+                                        auto_finish=False, execution=execution or config.execution,
+                                        execution_batch=config.data.batch_size)
+        except ExecutionRefused as e:
+            raise ConfigError([Problem("execution", f"{e}".replace("execution='sparse'", "execution: sparse"))]) \
+                from None
         except (ValueError, TypeError) as e:
             raise ConfigError([problem_at("sparsity", e)]) from None
         _final_targets(plan, exp.sparsifier)
@@ -241,6 +250,15 @@ def _own_phases(exp: Experiment) -> list[Phase] | None:
         return cls.phases(alg, context)
     except (ValueError, EntryPointRefused) as e:
         raise ConfigError([problem_at("sparsity", e)]) from None
+
+
+def _masked_only(exp: Experiment, notes: list[str]) -> None:
+    """A method that runs its own phases (score search, then fine-tuning) trains masked."""
+    name = exp.plan.algorithms[0].name
+    why = f"{name} searches scores over the frozen dense weights in its own phases, so it trains masked"
+    if exp.config.execution == "sparse":
+        raise ConfigError([Problem("execution", f"{why}; set execution: masked (or auto, which says so)")])
+    notes.append(f"execution: auto: {why}")
 
 
 def _final_targets(plan: SparsityPlan, sparsifier: Sparsifier) -> None:

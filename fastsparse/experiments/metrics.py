@@ -13,6 +13,7 @@ from torch import nn
 
 from ..core.flops import forward_flops, training_flops, training_rule
 from ..core.masks import select_params
+from ..core.sparse_linear import weight_masks
 from .config import config_hash
 from .data import Dataset
 from .experiment import ranks
@@ -42,7 +43,7 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> tuple[f
 
 
 def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name[: -len("_mask")]: buf for name, buf in model.named_buffers() if name.endswith("_mask")}
+    return weight_masks(model)
 
 
 def _density_per_layer(model: nn.Module, exp: Any) -> dict[str, float]:

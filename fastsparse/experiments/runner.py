@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.flops import forward_flops
 from ..core.schedules import Clock
+from ..core.sparse_linear import dense_state_dict
 from ..recipes.base import PhaseParts, RunContext
 from .config import ExperimentConfig, config_hash
 from .experiment import Experiment, make_optimizer, prepare, ranks, train_batches
@@ -89,6 +90,8 @@ def run(config: ExperimentConfig | dict, out: str | os.PathLike = "runs", *, res
     if not resume and ckpt_path.is_file():
         raise ResumeError(f"{run_dir} holds an interrupted run of this config: pass --resume to continue it, "
                           f"or delete the folder to start over")
+    if resume:
+        exp = _replay_execution(exp, config, run_dir)
     if ranks()[1] > 1:
         import torch.distributed as dist
         dist.barrier()   # every rank has made the checks above before rank 0 writes anything
@@ -98,8 +101,30 @@ def run(config: ExperimentConfig | dict, out: str | os.PathLike = "runs", *, res
     if not (run_dir / "run.json").is_file():
         atomic_write(run_dir / "run.json", json.dumps({"source": source, "hash": config_hash(exp.resolved),
                                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+    if _saved_execution(run_dir) != {c.name: c.execution for c in getattr(exp.sparsifier, "choices", [])}:
+        atomic_write(run_dir / "execution.json", json.dumps(_execution_of(exp), indent=1))
     return _train(exp, run_dir, ckpt_path if ckpt_path.is_file() else None, progress, max(1, checkpoint_every),
                   on_epoch_end)
+
+
+def _execution_of(exp: Experiment) -> dict[str, dict[str, Any]]:
+    """How each sparse layer runs and why (``execution.json``, ``summary.json``)."""
+    return {c.name: c.as_dict() for c in exp.sparsifier.choices} if exp.sparsifier is not None else {}
+
+
+def _saved_execution(run_dir: Path) -> dict[str, str]:
+    path = run_dir / "execution.json"
+    return {name: c["execution"] for name, c in json.loads(path.read_text()).items()} if path.is_file() else {}
+
+
+def _replay_execution(exp: Experiment, config: Any, run_dir: Path) -> Experiment:
+    """A resumed ``execution: auto`` run takes the per-layer choice its start measured, not a new one."""
+    saved = _saved_execution(run_dir)
+    if exp.sparsifier is None or not saved or saved == {c.name: c.execution for c in exp.sparsifier.choices}:
+        return exp
+    log.info("resuming with the execution the run started with: %s", saved)
+    exp.sparsifier.remove()
+    return prepare(config, execution=saved)
 
 
 def _context(exp: Experiment, run_dir: Path) -> RunContext:
@@ -301,7 +326,9 @@ def _finish(exp: Experiment, sparsifier: Any, run_dir: Path, metrics: list[dict[
             f_dense: float) -> dict[str, Any]:
     """Final weights, then ``summary.json``: the mark of a complete run."""
     result = summary(exp, sparsifier, metrics, acc, f_dense, run_dir)
-    atomic_save(exp.model.state_dict(), run_dir / "model.pt")
+    if (run_dir / "execution.json").is_file():
+        result["execution"] = json.loads((run_dir / "execution.json").read_text())
+    atomic_save(dense_state_dict(exp.model), run_dir / "model.pt")   # masked form, whatever the execution
     atomic_write(run_dir / "summary.json", json.dumps(result, indent=1))
     log.info("%s: test accuracy %.4f, sparsity %.4f, %.1f s -> %s", result["method"], result["test_accuracy"],
              result["sparsity"], result["train_seconds"], run_dir)

@@ -44,6 +44,7 @@ from ..algorithms.dst import REDISTRIBUTIONS
 from ..algorithms.sparsify import Sparsify
 from ..recipes.sparsify import SparsifyScheduler
 from ..core.scores import CRITERIA
+from ..engine.execution import check_execution
 from ..engine.optim import dst_algorithm
 from ..core.schedules import PROGRESS_SCHEDULES, ProgressSchedule
 from ..core.scores import gradient_magnitude, resolve_score, weight_magnitude
@@ -181,16 +182,22 @@ class SparseTrainingCallback(_EngineCallback):
     training data (``learn.dls.train``, or ``data``) gives the batch of methods that score weights
     at attach and Sup-tickets' BatchNorm statistics. A method that runs its own loop (a score
     search) is refused at ``before_fit``. After the fit, ``self.sparsifier`` holds the engine.
+
+    ``execution="sparse"`` or ``"auto"`` trains Linear weights in compact form
+    (:mod:`fastsparse.engine.execution`); it needs a torch optimizer,
+    ``opt_func=partial(OptimWrapper, opt=torch.optim.SGD)``, and leaves the model's Linear
+    layers as ``SparseLinear`` after the fit (``fastsparse.export``, ``dense_state_dict``).
     """
 
     def __init__(self, algorithm: SparsityAlgorithm | str, seed: int = 0, zero_grown_state: bool = True,
-                 data: Any = None):
+                 data: Any = None, execution: str | dict[str, str] = "masked"):
         if isinstance(algorithm, str):
             algorithm = create(algorithm)
         if not isinstance(algorithm, SparsityAlgorithm):
             raise TypeError(f"algorithm must be a SparsityAlgorithm or a registered name, got {algorithm!r}")
         self.algorithm, self.seed, self.zero_grown_state = algorithm, int(seed), zero_grown_state
         self.data = data
+        self.execution = check_execution(execution)
         self.sparsifier: Sparsifier | None = None
 
     def make_algorithm(self, model: nn.Module) -> SparsityAlgorithm:
@@ -203,7 +210,8 @@ class SparseTrainingCallback(_EngineCallback):
         self.sparsifier = Sparsifier(model, _engine_optimizer(self.learn.opt), self.make_algorithm(model),
                                      total_steps=total, seed=self.seed, zero_grown_state=self.zero_grown_state,
                                      hook=False, data=data, steps_per_epoch=self._steps_per_epoch(),
-                                     external_clock=True)
+                                     external_clock=True, execution=self.execution,
+                                     execution_batch=getattr(self.learn.dls.train, "bs", None))
 
     def _before_step(self) -> None:
         if self.sparsifier is not None:
@@ -252,6 +260,7 @@ class DynamicSparseTrainingCallback(SparseTrainingCallback):
         redistribution: str = "none",
         seed: int = 0,
         zero_grown_state: bool = True,
+        execution: str | dict[str, str] = "masked",
     ):
         _check_int(batches_per_update, "batches_per_update", 1, allow_none=True)
         if not 0.0 <= float(initial_drop_grow_pct) <= 1.0:
@@ -267,6 +276,7 @@ class DynamicSparseTrainingCallback(SparseTrainingCallback):
         self.initial_drop_grow_pct, self.stop_pct = initial_drop_grow_pct, stop_pct
         self.keep_score_f, self.grow_score_f, self.redistribution = keep_score_f, grow_score_f, redistribution
         self.seed, self.zero_grown_state = int(seed), zero_grown_state
+        self.execution = check_execution(execution)
         self.data, self.sparsifier = None, None
 
     def make_algorithm(self, model: nn.Module) -> SparsityAlgorithm:

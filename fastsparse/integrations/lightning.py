@@ -14,11 +14,15 @@ Life cycle:
 * Checkpoints: the masks are module buffers (in ``state_dict``); the engine's state (clock,
   update history, algorithm state) is this callback's state, restored when a Trainer
   resumes from ``ckpt_path``.
+* ``execution="sparse"`` / ``"auto"``: at ``setup`` (before ``configure_optimizers``) the chosen
+  Linear layers become ``SparseLinear``, so the optimizer is built over their compact values; a
+  fit resumed from ``ckpt_path`` runs each layer as the checkpoint did.
 * After each mask update and at each epoch end, rank zero sends ``sparsity/target`` and
   ``sparsity/actual`` to every logger of the Trainer.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,15 +32,27 @@ from torch import nn
 
 from ..algorithms.base import SparsityAlgorithm, create, list_algorithms
 from ..core.masks import sparse_params
+from ..core.sparse_linear import compact_layers
+from ..engine.execution import check_execution, match_layout
 from ..engine.sparsifier import Sparsifier
 
 __all__ = ["SparseLightningCallback"]
 
 Config = dict | list
+log = logging.getLogger("fastsparse")
 
 
 def _is_config_path(source: str | Path) -> bool:
     return isinstance(source, Path) or str(source).lower().endswith((".yaml", ".yml")) or Path(source).is_file()
+
+
+def _batch_size(trainer: pl.Trainer) -> int | None:
+    """The training batch size, where the Trainer's data says it (for ``execution="auto"``'s timing)."""
+    try:
+        loader = trainer.fit_loop._data_source.dataloader()
+    except Exception:   # a datamodule not set up yet, or another Lightning version: the engine's default
+        return None
+    return getattr(loader, "batch_size", None)
 
 
 class SparseLightningCallback(Callback):
@@ -61,7 +77,8 @@ class SparseLightningCallback(Callback):
     """
 
     def __init__(self, sparsity: SparsityAlgorithm | Sequence[SparsityAlgorithm] | Config | str | Path,
-                 seed: int | None = None, check_ranks: bool = True, data: Any = None):
+                 seed: int | None = None, check_ranks: bool = True, data: Any = None,
+                 execution: str | dict[str, str] = "masked"):
         self.algorithm: SparsityAlgorithm | list[SparsityAlgorithm] | None = None
         self.config: Config | None = None
         if isinstance(sparsity, SparsityAlgorithm):
@@ -83,8 +100,11 @@ class SparseLightningCallback(Callback):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an integer or None, got {seed!r}")
         self.seed, self.check_ranks, self.data = seed, check_ranks, data
+        self.execution = check_execution(execution)
         self.sparsifier: Sparsifier | None = None
         self._pending: dict | None = None
+        self._choices: list = []
+        self._layout_hook: Any = None
         self._logged = 0
 
     def _engine(self, trainer: pl.Trainer, module: nn.Module, optimizer: Any, total_steps: int | None,
@@ -103,12 +123,26 @@ class SparseLightningCallback(Callback):
     # --- hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # attaches masks (so that a checkpoint's mask buffers load); the model already carrying them keeps them
-        self._engine(trainer, pl_module, None, None, attach_only=True)
+        engine = self._engine(trainer, pl_module, None, None, attach_only=True)
+        if stage == "fit" and self.execution != "masked":
+            # before configure_optimizers: the optimizer is built over the compact values
+            self._choices = engine.compact(self.execution, _batch_size(trainer))
+        if self._layout_hook is None:
+            # a checkpoint loads into the layers it was saved from (sparse or masked), whatever setup chose
+            self._layout_hook = pl_module.register_load_state_dict_pre_hook(self._match_layout)
+
+    def _match_layout(self, module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+        changed = match_layout(module, state, prefix)
+        if changed:
+            self._choices = []   # the engine of on_fit_start reads the layers as the checkpoint left them
+            log.info("the checkpoint runs %s as it was saved (sparse or masked)", changed)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = trainer.estimated_stepping_batches
         total = int(total) if total != float("inf") else None
         self.sparsifier = self._engine(trainer, pl_module, self._optimizer(trainer, pl_module), total)
+        if self._choices:   # what setup chose, and why
+            self.sparsifier.choices = self._choices
         if self._pending is not None:
             self.sparsifier.load_state_dict(self._pending)
             self._pending = None
@@ -124,6 +158,9 @@ class SparseLightningCallback(Callback):
         self._log(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._layout_hook is not None:
+            self._layout_hook.remove()
+            self._layout_hook = None
         if self.sparsifier is not None:
             self.sparsifier.remove()  # the step hook goes; the masks stay on the module
 
@@ -139,7 +176,8 @@ class SparseLightningCallback(Callback):
     @staticmethod
     def _optimizer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """The optimizer that holds the sparse weights."""
-        sparse = {id(sp.param) for sp in sparse_params(pl_module)}
+        sparse = {id(sp.param) for sp in sparse_params(pl_module)} | \
+            {id(m.values) for m in compact_layers(pl_module).values()}
         for opt in trainer.optimizers:
             if any(id(p) in sparse for group in opt.param_groups for p in group["params"]):
                 return opt

@@ -171,6 +171,8 @@ def resolve_config(config: ExperimentConfig) -> dict[str, Any]:
     Validating it again gives the same dict."""
     data = config.model_dump(mode="json", exclude_none=True)
     data.pop("batch_size", None)
+    if data.get("execution") == "masked":
+        data.pop("execution")   # the default, left out so that run folders of earlier versions keep their hash
     for name, kind in (("data", "data"), ("model", "model")):
         params = component_parameters(kind, data[name]["name"]) or {}
         for key, p in params.items():

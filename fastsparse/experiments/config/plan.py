@@ -291,7 +291,8 @@ def from_config(model: nn.Module, optimizer: Any, config: str | Path | dict | li
                                                          "update": {"freq": 100, "stop": 0.75}},
                                             total_steps=10_000)
 
-    ``engine_kwargs`` go to the engine (``data``, ``steps_per_epoch``, ``hook``, ...). The engine runs
+    ``engine_kwargs`` go to the engine (``data``, ``steps_per_epoch``, ``hook``, ``execution`` unless the
+    experiment dict sets it, ...). The engine runs
     the whole method, its recipe included, or refuses it (:class:`fastsparse.EntryPointRefused`).
     """
     from ...engine.sparsifier import Sparsifier
@@ -303,6 +304,11 @@ def from_config(model: nn.Module, optimizer: Any, config: str | Path | dict | li
     experiment, _ = parse_config(config)
     if experiment.sparsity is None:
         raise ConfigError([Problem("sparsity", "no sparsity block: nothing to sparsify")])
+    if "execution" in experiment.model_fields_set:   # the config's own execution key, unless the caller's differs
+        given = engine_kwargs.setdefault("execution", experiment.execution)
+        if given != experiment.execution:
+            raise ConfigError([Problem("execution", f"the config says {experiment.execution!r} and the caller "
+                                                    f"execution={given!r}; keep one")])
     plan = plan_sparsity(experiment, model)
     return Sparsifier(model, optimizer, plan.algorithms, total_steps=total_steps,
                       seed=experiment.seed if seed is None else seed, **engine_kwargs)

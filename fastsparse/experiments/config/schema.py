@@ -150,6 +150,9 @@ class ExperimentConfig(Spec):
     batch_size: int | None = Field(None, ge=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     device: str = "auto"
+    # masked: dense weights and masks; sparse: every Linear weight that can trains in compact form;
+    # auto: per layer, where a calibration on this machine measures it faster (fastsparse.engine.execution)
+    execution: Literal["masked", "sparse", "auto"] = "masked"
     sparsity: SparsityField | None = None
 
     @field_validator("device")
