@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..core.integrity import INTEGRITY_KEY, IntegrityError, verify
 from ..core.nets import MLP
 from .export import _check_entry, _read_metadata, save_sparse
 from .format import _DTYPES, _KEY_PARTS, SparseFileError, _itemsize, _key
@@ -101,7 +102,14 @@ def _load_checkpoint_state(source: str) -> Mapping[str, Tensor]:
     try:
         obj = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {source} as a torch checkpoint: {e}") from e
+        reason = next((x.strip() for x in str(e).splitlines() if "GLOBAL" in x), str(e).splitlines()[0] if str(e) else "")
+        raise ValueError(f"cannot read {source} as a torch checkpoint of tensors and plain data "
+                         f"({type(e).__name__}: {reason[:200]}); nothing in it ran") from None
+    if isinstance(obj, Mapping) and INTEGRITY_KEY in obj:   # a checkpoint of `fastsparse train`: checksummed
+        try:
+            verify(obj)
+        except IntegrityError as e:
+            raise ValueError(f"{source} is corrupt: {e}") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
