@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from ..core.integrity import INTEGRITY_KEY, IntegrityError, verify
 from ..core.nets import MLP
-from .export import _check_entry, _read_metadata, save_sparse
+from .check import read_checked
+from .export import save_sparse
 from .format import _DTYPES, _KEY_PARTS, SparseFileError, _itemsize, _key
 
 __all__ = ["size_report", "SizeReport", "SizeRow", "export_command", "build_model"]
@@ -74,10 +75,10 @@ def size_report(path: str | os.PathLike) -> SizeReport:
     """Bytes per tensor in a file written by :func:`save_sparse` against dense fp32
     (floating tensors at 4 bytes per element, integer buffers at their own size)."""
     path = os.fspath(path)
-    header, _, entries, _ = _read_metadata(path)
+    checked = read_checked(path)
+    header, entries = checked.header, checked.entries
     rows = []
     for e in entries:
-        _check_entry(path, e, header)
         numel = int(math.prod(e["shape"]))
         dtype = _DTYPES[e["dtype"]]
         per = 8 if dtype.is_complex else 4 if dtype.is_floating_point else _itemsize(dtype)
