@@ -344,7 +344,7 @@ def load_sparse(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         elif target.dtype != value.dtype:
             problems.append(f"{key}: dtype {value.dtype} in the file, {target.dtype} in the model")
     if problems:
-        raise SparseFileError(f"{path} does not fit the model (nothing was loaded):\n  " + "\n  ".join(problems))
+        raise SparseFileError(f"{path} does not fit the model (nothing was loaded): " + "; ".join(problems))
     for key, target in own.items():
         target.copy_(sf.state_dict[key])
     for mask_name, module, buf, param in new_masks:

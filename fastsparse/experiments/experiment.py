@@ -28,6 +28,7 @@ from .models import create_model
 
 __all__ = ["Experiment", "prepare", "make_optimizer", "resolve_device", "ranks", "train_batches", "StandardPhase"]
 
+_DRY_RUN_BATCH = 256
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
@@ -182,6 +183,9 @@ def prepare(config: ExperimentConfig | dict, load_data: bool = True, require_dat
     except (ValueError, TypeError) as e:
         raise ConfigError([Problem("model", f"{e} (data {config.data.name!r}: inputs {tuple(input_shape)}, "
                                             f"{num_classes} classes)")]) from None
+    except (RuntimeError, MemoryError, OverflowError, ZeroDivisionError) as e:   # torch refusing the layers
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError([Problem("model", f"cannot be built with {model_kwargs}: {first}")]) from None
     model.to(device)
     _check_fits(model, input_shape, num_classes, config.data.name)
     cost = layer_costs(model, input_shape)
@@ -197,8 +201,9 @@ def prepare(config: ExperimentConfig | dict, load_data: bool = True, require_dat
         return exp
     exp.optimizer = make_optimizer(config, model.parameters())
     if plan is not None:
+        # a dry run's stand-in batch of zeros: bounded (batch_size may be 10**12; the scores see zeros anyway)
         batch = (lambda: train_batches(data, config.data.batch_size, device)) if data is not None else \
-            _zero_batch(input_shape, num_classes, config.data.batch_size)
+            _zero_batch(input_shape, num_classes, min(config.data.batch_size, n_train, _DRY_RUN_BATCH))
         try:
             exp.sparsifier = Sparsifier(model, exp.optimizer, plan.algorithms, total_steps=total_steps,
                                         seed=config.seed, data=batch, steps_per_epoch=steps_per_epoch,

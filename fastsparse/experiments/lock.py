@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .experiment import ranks
-from .rundir import RunFolderError
+from .rundir import RunFolderBlocked, RunFolderError
 
 __all__ = ["LOCK_NAME", "RunLocked", "RunLock", "hold_run_folder"]
 
@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 
-class RunLocked(RunFolderError):
+class RunLocked(RunFolderBlocked):
     """Another live process is training this run folder."""
 
 
@@ -145,7 +145,7 @@ def hold_run_folder(run_dir: Path) -> Iterator[None]:
             run_dir.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             blocking = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), run_dir)
-            error = RunFolderError(f"cannot create the run folder {run_dir}: {blocking} is a file, not a folder; "
+            error = RunFolderBlocked(f"cannot create the run folder {run_dir}: {blocking} is a file, not a folder; "
                                    "pass --out a folder")
         except OSError as e:
             error = RunFolderError(f"cannot create the run folder {run_dir}: {e.strerror or e}")

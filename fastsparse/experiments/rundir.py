@@ -25,13 +25,17 @@ from .config import config_hash
 from .experiment import ranks
 
 __all__ = ["label", "run_dir_for", "atomic_write", "atomic_save", "to_yaml", "config_diff",
-           "saved_config", "find_changed_run", "RunFolderError", "TMP_SUFFIX"]
+           "saved_config", "find_changed_run", "RunFolderError", "RunFolderBlocked", "TMP_SUFFIX"]
 
 TMP_SUFFIX = ".tmp"
 
 
 class RunFolderError(RuntimeError):
-    """The run folder cannot be created or written (a file in the way, no space, no permission, locked)."""
+    """The run folder cannot be created or written (no space, no permission, a file in the way, locked)."""
+
+
+class RunFolderBlocked(RunFolderError):
+    """The run folder cannot be used as given: a file is in its way, or another run holds it."""
 
 
 def label(resolved: dict[str, Any]) -> str:
