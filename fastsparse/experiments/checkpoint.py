@@ -32,7 +32,7 @@ from .config import config_hash
 from .rundir import atomic_save, config_diff
 
 __all__ = ["ResumeError", "CHECKPOINT_KEYS", "save_checkpoint", "read_checkpoint", "check_identity", "check_masks",
-           "check_fit", "mask_counts"]
+           "check_fit", "mask_counts", "leftover_files"]
 
 CHECKPOINT_KEYS = frozenset({
     "epoch", "phase", "model", "optimizer", "scheduler", "sparsifier", "phase_state", "data_rng", "torch_rng",
