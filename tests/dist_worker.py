@@ -19,7 +19,13 @@ Scenarios (``--scenario``):
                           ``sparsify_model(seed=0)``, but the optimizer wrapper gets
                           ``seed=rank``, so random growth differs at the first update;
               init_seed   ``Sparsifier(..., seed=rank)``: different initial masks, caught
-                          when the engine is built.
+                          when the engine is built;
+              collide     masks {0, 3} on rank 0 and {1, 2} on rank 1 (the same count and the
+                          same index-weighted sum), compared directly;
+              count       rank 0 holds two masks, rank 1 one, compared directly;
+              count_engine  ``Sparsifier`` whose filter selects three layers on rank 0 and two
+                          on rank 1: caught when the engine is built, on both ranks (before,
+                          gloo aborted on the mismatched collective).
 """
 from __future__ import annotations
 
@@ -177,6 +183,34 @@ def diverge(rank: int, world: int) -> dict:
                           total_steps=total_steps(len(x)), seed=rank)
         out["init_seed_built"] = True
     out["init_seed"] = _expect_disagreement(init_seed)
+
+    from fastsparse.engine.distributed import check_agreement
+
+    def collide():
+        m = torch.zeros(4, dtype=torch.bool)
+        m[[0, 3] if rank == 0 else [1, 2]] = True
+        check_agreement(["m"], [m], step=0)
+    out["collide"] = _expect_disagreement(collide)
+
+    def count():
+        masks = [torch.ones(3, dtype=torch.bool)] * (2 if rank == 0 else 1)
+        check_agreement([f"m{i}" for i in range(len(masks))], masks, step=5)
+    out["count"] = _expect_disagreement(count)
+
+    def count_engine():
+        model, ddp, opt = build()
+        include = ["0.weight", "2.weight", "4.weight"] if rank == 0 else ["0.weight", "2.weight"]
+        sparse.Sparsifier(model, opt, sparse.create("set", sparsity=SPARSITY, include=include),
+                          total_steps=total_steps(len(x)), seed=7)
+        out["count_engine_built"] = True
+    out["count_engine"] = _expect_disagreement(count_engine)
+
+    def agree_after():   # the group still works after the refusals above: identical masks pass
+        m = torch.zeros(4, dtype=torch.bool)
+        m[[0, 3]] = True
+        check_agreement(["m"], [m], step=0)
+        out["agree_after"] = True
+    out["agree_after_check"] = _expect_disagreement(agree_after)
     return out
 
 

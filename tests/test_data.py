@@ -241,3 +241,42 @@ def test_imagefolder_errors_say_what_layout_is_expected(tmp_path):
         load_dataset("imagefolder", root=str(tmp_path), image_size=8)
     with pytest.raises(ValueError, match="image_size must be a positive integer"):
         load_dataset("imagefolder", root=str(tmp_path), image_size=0)
+
+
+@pytest.mark.parametrize("payload, words", [
+    (np.array([1, 2, 3], dtype=object), "'data' is a object array"),          # object arrays hold arbitrary objects
+    (np.zeros((2, 3072), dtype=np.float64), "'data' is a float64 array"),
+    (b"\x00" * 3072, "'data' is a bytes"),
+    (np.zeros((2, 100), dtype=np.uint8), "of 200 values"),
+])
+def test_cifar10_refuses_batches_that_are_not_uint8_image_arrays(tmp_path, payload, words):
+    write_cifar(tmp_path)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({b"data": payload, b"labels": [0, 1]}, f, protocol=2)
+    with pytest.raises(ValueError, match=words):
+        load_dataset("cifar10", root=str(tmp_path))
+
+
+def test_cifar10_refuses_a_codec_other_than_latin1(tmp_path):
+    import _codecs
+
+    class Encode:
+        def __reduce__(self):
+            return (_codecs.encode, ("x", "rot13"))
+
+    write_cifar(tmp_path)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({b"data": Encode(), b"labels": []}, f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="refusing _codecs.encode"):
+        load_dataset("cifar10", root=str(tmp_path))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])   # the real files are protocol 2 (written by Python 2)
+def test_cifar10_reads_the_pickle_protocols_of_numpy_arrays(tmp_path, protocol):
+    batches = write_cifar(tmp_path)
+    data, labels = batches["test_batch"]
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({b"data": data, b"labels": labels}, f, protocol=protocol)
+    ds = load_dataset("cifar10", root=str(tmp_path))
+    assert torch.equal(ds.x_test.reshape(len(labels), -1), torch.as_tensor(data))
+

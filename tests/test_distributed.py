@@ -122,3 +122,27 @@ def test_rank_dependent_initial_masks_are_detected_when_built(diverge_results):
         assert res["raised"], f"rank {r['rank']}: different initial masks went unnoticed"
         assert res["step"] == 0
         assert "init_seed_built" not in r
+
+
+def test_masks_that_collided_under_the_old_checksum_are_told_apart(diverge_results):
+    for r in diverge_results:
+        assert r["collide"]["raised"], f"rank {r['rank']}: masks {{0,3}} and {{1,2}} passed as equal"
+        assert "['m']" in r["collide"]["message"]
+
+
+@pytest.mark.parametrize("scenario, step", [("count", 5), ("count_engine", 0)])
+def test_ranks_with_different_numbers_of_sparse_parameters_all_refuse(diverge_results, scenario, step):
+    held = {0: (2, 3), 1: (1, 2)}
+    for r in diverge_results:
+        res = r[scenario]
+        assert res["raised"], f"rank {r['rank']}: different numbers of masks went unnoticed"
+        assert res["step"] == step
+        lo, hi = (1, 2) if scenario == "count" else (2, 3)
+        assert f"different numbers of sparse parameters (between {lo} and {hi}" in res["message"]
+        assert f"holds {held[r['rank']][scenario == 'count_engine']}" in res["message"]
+        assert "count_engine_built" not in r
+
+
+def test_the_group_works_after_the_refusals(diverge_results):
+    for r in diverge_results:
+        assert r.get("agree_after") and not r["agree_after_check"]["raised"]

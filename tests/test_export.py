@@ -282,7 +282,7 @@ def _rewrite(path, meta_change=None, tensor_change=None):
     st.save_file(raw, path, metadata=meta)
 
 
-@pytest.mark.parametrize("version", ["2", "0", "one"])
+@pytest.mark.parametrize("version", ["3", "1", "0", "one"])
 def test_wrong_version_is_a_clear_error(tmp_path, version):
     path = _saved(tmp_path)
     _rewrite(path, lambda m: m.update(format_version=version))

@@ -112,3 +112,24 @@ def test_from_config_runs_the_configs_execution():
     with pytest.raises(ConfigError, match="the config says 'sparse' and the caller execution='masked'"):
         fs.from_config(MLP((64, 128, 10)), None, {"execution": "sparse", "sparsity": {"algorithm": "set"}},
                        execution="masked")
+
+
+def test_a_sparse_executed_gradual_run_resumes_bit_for_bit(tmp_path):
+    # GMP shrinks the active counts: the values of a resumed layer take the checkpoint's length
+    cfg = config(execution="sparse", epochs=6,
+                 sparsity={"algorithm": "gmp", "sparsity": 0.9, "initial_sparsity": 0.5, "freq": 10,
+                           "start": 0.1, "end": 0.7})
+
+    def stop(epoch, metrics):
+        if epoch == 3:
+            raise RunInterrupted("killed")
+
+    with pytest.raises(RunInterrupted):
+        run(cfg, tmp_path / "a", progress=False, on_epoch_end=stop)
+    resumed = run(cfg, tmp_path / "a", progress=False, resume=True)
+    whole = run(cfg, tmp_path / "b", progress=False)
+    assert resumed["sparsity"] == whole["sparsity"] == pytest.approx(0.9, abs=2e-3)
+    assert (resumed["train_loss"], resumed["test_accuracy"]) == (whole["train_loss"], whole["test_accuracy"])
+    a = torch.load(f"{resumed['run_dir']}/model.pt", weights_only=True)
+    b = torch.load(f"{whole['run_dir']}/model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -42,9 +41,10 @@ from torch import Tensor, nn
 
 from ..core.nets import MLP
 from ..core.sparse_linear import dense_state_dict
+from .check import metadata_checksum, read_checked
 from .format import (
-    FORMAT_NAME, FORMAT_VERSION, FORMATS, SparseFileError, _COL_DTYPES, _CROW_DTYPES, _DTYPES, _KEY_PARTS, _KINDS,
-    _MASK_SUFFIX, _SEP, _SHIFTS, _ST_DTYPES, _crc32, _dtype_name, _encode_masked, _find_masks, _key, _matrix_shape,
+    FORMAT_NAME, FORMAT_VERSION, FORMATS, SparseFileError, _COL_DTYPES, _CROW_DTYPES, _DTYPES, _KEY_PARTS,
+    _MASK_SUFFIX, _SEP, _SHIFTS, _crc32, _dtype_name, _encode_masked, _find_masks, _key, _matrix_shape,
     _safetensors,
 )
 
@@ -140,12 +140,14 @@ def save_sparse(
     }
     if model_spec is not None:
         metadata["model_spec"] = json.dumps(dict(model_spec))
+    metadata["metadata_sha256"] = metadata_checksum(metadata)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".fastsparse-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         st.save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())   # what open() would give; mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -154,89 +156,14 @@ def save_sparse(
     return {"format_version": FORMAT_VERSION, "tensors": entries, "model_spec": model_spec}
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 # ---------------------------------------------------------------------------------- read
-
-def _read_header(path: str) -> tuple[dict, dict]:
-    """The safetensors header ({key: {dtype, shape, data_offsets}}) and metadata, checked
-    against the file's length so that a truncated file is reported as such."""
-    try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        raise SparseFileError(f"cannot read {path}: {e}") from e
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise SparseFileError(f"{path} is truncated or not a safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise SparseFileError(
-                f"{path} is truncated or not a safetensors file: its header claims {n} bytes, "
-                f"the file has {size - 8} after the length field")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SparseFileError(f"{path} has a corrupt header (not JSON): {e}") from e
-    if not isinstance(header, dict):
-        raise SparseFileError(f"{path} has a corrupt header")
-    meta = header.pop("__metadata__", None) or {}
-    end = 0
-    for key, info in header.items():
-        try:
-            start, stop = info["data_offsets"]
-        except (TypeError, KeyError, ValueError) as e:
-            raise SparseFileError(f"{path}: corrupt header entry for {key!r}") from e
-        end = max(end, int(stop))
-    if 8 + n + end != size:
-        raise SparseFileError(
-            f"{path} is truncated or corrupt: its header describes {8 + n + end} bytes, the file has {size}")
-    return header, meta
-
-
-def _read_metadata(path: str) -> tuple[dict, dict, list[dict], dict | None]:
-    header, meta = _read_header(path)
-    if meta.get("format") != FORMAT_NAME:
-        raise SparseFileError(
-            f"{path} is a safetensors file but not a fastsparse sparse checkpoint "
-            f"(metadata format={meta.get('format')!r}); write one with fastsparse.save_sparse")
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError as e:
-        raise SparseFileError(f"{path}: format_version {meta.get('format_version')!r} is not an integer") from e
-    if version != FORMAT_VERSION:
-        newer = "a newer" if version > FORMAT_VERSION else "an older, unsupported"
-        raise SparseFileError(
-            f"{path} has format version {version}, written by {newer} fastsparse; "
-            f"this one reads version {FORMAT_VERSION}")
-    try:
-        entries = json.loads(meta["tensors"])
-        spec = json.loads(meta["model_spec"]) if "model_spec" in meta else None
-    except (KeyError, json.JSONDecodeError) as e:
-        raise SparseFileError(f"{path}: corrupt metadata ({e})") from e
-    if not isinstance(entries, list):
-        raise SparseFileError(f"{path}: corrupt metadata (tensors is not a list)")
-    return header, meta, entries, spec
-
-
-def _check_entry(path: str, e: Any, header: dict) -> None:
-    where = f"{path}: entry {e.get('name')!r}" if isinstance(e, dict) else f"{path}: entry {e!r}"
-    if not isinstance(e, dict) or not isinstance(e.get("name"), str):
-        raise SparseFileError(f"{where} is malformed")
-    if e.get("kind") not in _KINDS:
-        raise SparseFileError(f"{where} has unknown encoding {e.get('kind')!r}")
-    if e.get("dtype") not in _DTYPES:
-        raise SparseFileError(f"{where} has unknown dtype {e.get('dtype')!r}")
-    shape = e.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise SparseFileError(f"{where} has a malformed shape {shape!r}")
-    if not isinstance(e.get("crc32"), int):
-        raise SparseFileError(f"{where} has no checksum")
-    if e["kind"] != "dense" and not isinstance(e.get("mask"), str):
-        raise SparseFileError(f"{where} names no mask")
-    for part in _KEY_PARTS[e["kind"]]:
-        if _key(e["name"], part) not in header:
-            raise SparseFileError(f"{where}: tensor {_key(e['name'], part)!r} is missing from the file")
-
 
 def _fail(path: str, name: str, msg: str):
     raise SparseFileError(f"{path}: {name}: {msg}")
@@ -325,33 +252,46 @@ class SparseFile:
 def read_sparse(path: str | os.PathLike) -> SparseFile:
     """Read and fully check a file written by :func:`save_sparse`; no model needed."""
     path = os.fspath(path)
-    header, _, entries, spec = _read_metadata(path)
-    for e in entries:
-        _check_entry(path, e, header)
-    names = [e["name"] for e in entries] + [e["mask"] for e in entries if e["kind"] != "dense"]
-    if len(set(names)) != len(names):
-        dup = sorted({x for x in names if names.count(x) > 1})
-        raise SparseFileError(f"{path}: names stored twice: {dup}")
-    used = {_key(e["name"], p) for e in entries for p in _KEY_PARTS[e["kind"]]}
-    extra = sorted(set(header) - used)
-    if extra:
-        raise SparseFileError(f"{path}: tensors no metadata entry describes (corrupt): {extra[:5]}")
-    for key, info in header.items():
-        if info.get("dtype") not in _ST_DTYPES:
-            raise SparseFileError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+    return _decode_file(path, read_checked(path))
+
+
+def _decode_file(path: str, checked) -> SparseFile:
     st = _safetensors()
     try:
         raw = st.load_file(path)
     except Exception as e:  # safetensors raises its own error type for every corruption
-        raise SparseFileError(f"{path} is truncated or corrupt: {e}") from e
+        raise SparseFileError(f"{path} is truncated or corrupt: {str(e).splitlines()[0][:200] if str(e) else e}") \
+            from None
     state: OrderedDict[str, Tensor] = OrderedDict()
-    for e in entries:
-        state.update(_decode(path, e, raw))
-    masks = {e["name"]: e["mask"] for e in entries if e["kind"] != "dense"}
-    return SparseFile(state, entries, spec, FORMAT_VERSION, masks)
+    for e in checked.entries:
+        try:
+            state.update(_decode(path, e, raw))
+        except (RuntimeError, MemoryError) as err:   # an allocation the machine cannot make
+            raise SparseFileError(f"{path}: {e['name']}: cannot be decoded here ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:120]})") from None
+    masks = {e["name"]: e["mask"] for e in checked.entries if e["kind"] != "dense"}
+    return SparseFile(state, checked.entries, checked.model_spec, FORMAT_VERSION, masks)
 
 
 # ---------------------------------------------------------------------------------- load
+
+def _check_fit_by_metadata(path: str, entries: list[dict], own: Mapping[str, Tensor]) -> None:
+    """Shapes and dtypes the file claims against the model, before a tensor is decoded (a crafted
+    shape never reaches an allocation)."""
+    wrong = []
+    for e in entries:
+        shape, dtype = tuple(e["shape"]), _DTYPES[e["dtype"]]
+        for name, want in ((e["name"], dtype), (e.get("mask"), torch.bool)):
+            target = own.get(name) if name is not None else None
+            if target is None:
+                continue   # a key the model lacks: reported after decoding, with the full lists
+            if tuple(target.shape) != shape:
+                wrong.append(f"{name}: shape {shape} in the file, {tuple(target.shape)} in the model")
+            elif target.dtype != want:
+                wrong.append(f"{name}: dtype {want} in the file, {target.dtype} in the model")
+    if wrong:
+        raise SparseFileError(f"{path} does not fit the model (nothing was loaded): " + "; ".join(wrong[:4]))
+
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     module_name, _, attr = name.rpartition(".")
@@ -369,8 +309,10 @@ def load_sparse(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     left untouched and a :class:`SparseFileError` says what is wrong. Returns ``model``.
     """
     path = os.fspath(path)
-    sf = read_sparse(path)
+    checked = read_checked(path)
     own = model.state_dict(keep_vars=True)
+    _check_fit_by_metadata(path, checked.entries, own)
+    sf = _decode_file(path, checked)
     masks_in_file = set(sf.masks.values())
     new_masks = []
     problems = []
@@ -403,7 +345,7 @@ def load_sparse(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         elif target.dtype != value.dtype:
             problems.append(f"{key}: dtype {value.dtype} in the file, {target.dtype} in the model")
     if problems:
-        raise SparseFileError(f"{path} does not fit the model (nothing was loaded):\n  " + "\n  ".join(problems))
+        raise SparseFileError(f"{path} does not fit the model (nothing was loaded): " + "; ".join(problems))
     for key, target in own.items():
         target.copy_(sf.state_dict[key])
     for mask_name, module, buf, param in new_masks:

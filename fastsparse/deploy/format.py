@@ -12,7 +12,7 @@ from torch import Tensor
 __all__ = ["FORMAT_VERSION", "FORMAT_NAME", "FORMATS", "SparseFileError", "encoded_bytes", "pack_bits",
            "unpack_bits"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: the metadata carries metadata_sha256
 FORMAT_NAME = "fastsparse-sparse"
 FORMATS = ("auto", "bitmask", "csr")
 _MASK_SUFFIX = "_mask"

@@ -9,8 +9,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..core.integrity import INTEGRITY_KEY, IntegrityError, verify
 from ..core.nets import MLP
-from .export import _check_entry, _read_metadata, save_sparse
+from .check import read_checked
+from .export import save_sparse
 from .format import _DTYPES, _KEY_PARTS, SparseFileError, _itemsize, _key
 
 __all__ = ["size_report", "SizeReport", "SizeRow", "export_command", "build_model"]
@@ -73,10 +75,10 @@ def size_report(path: str | os.PathLike) -> SizeReport:
     """Bytes per tensor in a file written by :func:`save_sparse` against dense fp32
     (floating tensors at 4 bytes per element, integer buffers at their own size)."""
     path = os.fspath(path)
-    header, _, entries, _ = _read_metadata(path)
+    checked = read_checked(path)
+    header, entries = checked.header, checked.entries
     rows = []
     for e in entries:
-        _check_entry(path, e, header)
         numel = int(math.prod(e["shape"]))
         dtype = _DTYPES[e["dtype"]]
         per = 8 if dtype.is_complex else 4 if dtype.is_floating_point else _itemsize(dtype)
@@ -101,7 +103,14 @@ def _load_checkpoint_state(source: str) -> Mapping[str, Tensor]:
     try:
         obj = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {source} as a torch checkpoint: {e}") from e
+        reason = next((x.strip() for x in str(e).splitlines() if "GLOBAL" in x), str(e).splitlines()[0] if str(e) else "")
+        raise ValueError(f"cannot read {source} as a torch checkpoint of tensors and plain data "
+                         f"({type(e).__name__}: {reason[:200]}); nothing in it ran") from None
+    if isinstance(obj, Mapping) and INTEGRITY_KEY in obj:   # a checkpoint of `fastsparse train`: checksummed
+        try:
+            verify(obj)
+        except IntegrityError as e:
+            raise ValueError(f"{source} is corrupt: {e}") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):

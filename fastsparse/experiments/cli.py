@@ -9,7 +9,8 @@
     fastsparse convert --from suptickets|rare-gems "COMMAND LINE" | FILE.yaml [--out FILE]
 
 Exit status: 0 on success, 2 for a config or input problem (each printed with its path
-in the config), 1 when training itself fails, 130 when interrupted.
+in the config), 1 when training itself fails, 130 when interrupted. Every error is printed as
+one line per problem, never a traceback (:mod:`.cli_errors`).
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .cli_errors import err_console, fail, one_line_errors
 from .config import ConfigError, load_config, parse_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train sparse neural networks: train and validate experiment files, compare methods, "
                        "report on runs.")
 out_console = Console(width=None if sys.stdout.isatty() else 120)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 _SET_HELP = "Override a setting by its dotted path, e.g. --set sparsity.sparsity=0.9 --set epochs=5 (repeatable)."
 
@@ -45,9 +46,7 @@ def _setup_logging(quiet: bool = False) -> None:
     logging.getLogger("fastsparse.train").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
-def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
+_fail = fail
 
 
 def _load(config: Path, overrides: list[str]):
@@ -56,6 +55,7 @@ def _load(config: Path, overrides: list[str]):
 
 
 @app.command()
+@one_line_errors
 def train(
     config: Path = typer.Argument(..., help="Experiment file (YAML), e.g. examples/digits_rigl.yaml."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=_SET_HELP),
@@ -66,7 +66,8 @@ def train(
     """Train one experiment into <out>/<algorithm>-<config hash>/ and print its summary.
     Under ``torchrun --nproc_per_node N`` every rank trains its share of each batch (DDP);
     rank 0 writes the run folder."""
-    from .runner import ResumeError, run
+    from .rundir import RunFolderBlocked, RunFolderError
+    from .runner import run
 
     distributed = _init_distributed()
     _setup_logging(quiet or distributed and int(os.environ.get("RANK", 0)) != 0)
@@ -74,10 +75,10 @@ def train(
         experiment, _ = _load(config, set_ or [])
         summary = run(experiment, out, resume=resume, progress=not quiet and not distributed,
                       source=str(config.resolve()))
-    except ConfigError as e:
-        _fail(str(e))
-    except ResumeError as e:
-        _fail(str(e))
+    except RunFolderError as e:
+        if isinstance(e, RunFolderBlocked):
+            raise
+        _fail(f"{e}; fix this, then continue with: fastsparse train {config} --out {out} --resume", 1)
     except KeyboardInterrupt:
         err_console.print(escape(f"interrupted; continue with: fastsparse train {config} --out {out} --resume"))
         raise typer.Exit(130)
@@ -122,6 +123,7 @@ def _leave_distributed() -> None:
 
 
 @app.command()
+@one_line_errors
 def validate(
     config: Path = typer.Argument(..., help="Experiment file (YAML)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=_SET_HELP),
@@ -134,16 +136,13 @@ def validate(
     from .experiment import prepare
     from .suite import is_suite, load_suite
 
-    try:
-        if not set_ and is_suite(load_yaml(config)):
-            spec = load_suite(config)
-            methods = ", ".join(spec.methods) if spec.methods else "every registered method that fits"
-            out_console.print(f"valid suite: {methods} at sparsities {spec.sparsities}, {spec.seeds} seeds")
-            return
-        experiment, notes = _load(config, set_ or [])
-        exp = prepare(experiment, load_data=False, require_data=False)
-    except ConfigError as e:
-        _fail(str(e))
+    if not set_ and is_suite(load_yaml(config)):   # a ConfigError is printed by one_line_errors
+        spec = load_suite(config)
+        methods = ", ".join(spec.methods) if spec.methods else "every registered method that fits"
+        out_console.print(f"valid suite: {methods} at sparsities {spec.sparsities}, {spec.seeds} seeds")
+        return
+    experiment, notes = _load(config, set_ or [])
+    exp = prepare(experiment, load_data=False, require_data=False)
     _print_plan(exp, config)
     for note in notes + exp.notes:
         err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
@@ -196,6 +195,7 @@ def _execution_cell(choice: Any) -> str:
 
 
 @app.command()
+@one_line_errors
 def compare(
     suite: Optional[Path] = typer.Argument(None, help="Suite file (YAML); default: the built-in digits suite."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds per method (default 3, or the suite's)."),
@@ -209,18 +209,13 @@ def compare(
 
 
     _setup_logging()
-    try:
-        spec = load_suite(suite)
-    except ConfigError as e:
-        _fail(str(e))
+    spec = load_suite(suite)
     if epochs is not None:
         spec.base["epochs"] = epochs
     try:
         summaries, failures = run_suite(out, methods=spec.methods, sparsities=spec.sparsities,
                                         seeds=seeds or spec.seeds, base=spec.base, block=spec.block,
                                         workers=workers or None)
-    except ConfigError as e:
-        _fail(str(e))
     except KeyboardInterrupt:
         err_console.print("interrupted; run the same command again to continue (finished runs are kept)")
         raise typer.Exit(130)
@@ -238,6 +233,7 @@ def compare(
 
 
 @app.command()
+@one_line_errors
 def report(run_dir: Path = typer.Argument(..., help="A run folder, or a folder of runs (a compare output).")) -> None:
     """Redraw report.md and the plots of the finished runs in RUN_DIR."""
     from .report import write_report
@@ -250,6 +246,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder, or a folder o
 
 
 @app.command()
+@one_line_errors
 def export(
     source: Path = typer.Argument(..., help="A run folder (its checkpoint.pt) or a checkpoint file."),
     out: Path = typer.Option(..., "--out", help="The compressed file to write (safetensors)."),
@@ -268,6 +265,7 @@ def export(
 
 
 @app.command("bench-inference")
+@one_line_errors
 def bench_inference(
     file: Path = typer.Argument(..., help="A file written by `fastsparse export`."),
     batch: str = typer.Option("1,16,128", "--batch", help="Comma-separated batch sizes."),
@@ -291,6 +289,7 @@ def bench_inference(
 
 
 @app.command()
+@one_line_errors
 def convert(
     source: str = typer.Argument(..., help="Their command line (quoted), or their YAML file (rare-gems)."),
     from_: str = typer.Option(..., "--from", help="The source system: suptickets or rare-gems."),
@@ -300,7 +299,7 @@ def convert(
     options, differences in detail) are written as comments at its top."""
     import yaml
 
-    from .convert import ConversionError, convert_with_notes
+    from .convert import convert_with_notes
 
     text = source
     if from_.lower().replace("_", "-") == "rare-gems":
@@ -311,10 +310,9 @@ def convert(
     try:
         config, notes = convert_with_notes(from_, text)
         parse_config(config)   # what we write must validate
-    except ConversionError as e:
-        _fail(str(e))
     except ConfigError as e:
-        _fail(f"the converted config does not validate (a converter defect; please report it):\n{e}", 1)
+        _fail("the converted config does not validate (a converter defect; please report it): "
+              + "; ".join(str(p) for p in e.problems), 1)
     head = f"# converted by: fastsparse convert --from {from_}\n" + "".join(
         f"# note: {line}\n" for note in notes for line in note.splitlines())
     body = head + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)

@@ -160,29 +160,53 @@ def _mnist(root: str = "data/mnist", train_size: int | None = None, split_seed: 
 CIFAR10_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
 
 
+def _latin1(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as numpy's pickles use it (a str of bytes, latin-1), and only so."""
+    if encoding not in ("latin1", "latin-1") or errors != "strict" or not isinstance(obj, str):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode({type(obj).__name__}, {encoding!r}) in a CIFAR file")
+    return obj.encode("latin-1")
+
+
 class _BatchUnpickler(pickle.Unpickler):
-    """Unpickles the CIFAR batch dicts (numpy arrays, lists, bytes) and nothing else."""
+    """Unpickles the CIFAR batch dicts (numpy arrays, lists, bytes) and nothing else: the only
+    callables a file may name are numpy's array and dtype constructors and a latin-1 encoder."""
 
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+                ("numpy._core.multiarray", "scalar")}
 
     def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
 
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refusing a persistent id in a CIFAR batch file")
+
 
 def _read_cifar_batch(path: Path, label_key: str = "labels") -> tuple[Tensor, Tensor]:
+    import numpy as np
+
+    what = "CIFAR-10 batch" if label_key == "labels" else "CIFAR-100 file"
     with open(path, "rb") as f:
         d = _BatchUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is not a {what} (it holds a {type(d).__name__}, not a dict)")
     data = d.get(b"data", d.get("data"))
     labels = d.get(label_key.encode(), d.get(label_key))
     if data is None or labels is None:
-        what = "CIFAR-10 batch" if label_key == "labels" else "CIFAR-100 file"
         raise ValueError(f"{path} is not a {what} (no 'data' and '{label_key}' entries)")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.size % 3072:
+        kind = f"a {data.dtype} array of {data.size} values" if isinstance(data, np.ndarray) else \
+            f"a {type(data).__name__}"
+        raise ValueError(f"{path}: 'data' is {kind}; a {what} holds a uint8 array of 3072 values per image")
+    labels = list(labels) if isinstance(labels, (list, tuple, np.ndarray)) else None
+    if labels is None or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+        raise ValueError(f"{path}: '{label_key}' must be a list of integer class labels")
     x = torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 3, 32, 32)
-    y = torch.as_tensor(list(labels), dtype=torch.int64)
+    y = torch.as_tensor([int(v) for v in labels], dtype=torch.int64)
     if len(x) != len(y):
         raise ValueError(f"{path}: {len(x)} images but {len(y)} labels")
     return x, y

@@ -14,19 +14,22 @@ import torch
 from torch import nn
 
 from ..core.flops import LayerCost, layer_costs
-from ..core.schedules import Clock, Schedule
+from ..algorithms.base import SparsityAlgorithm
+from ..core.schedules import Clock, Schedule, UpdateSchedule
 from ..engine.execution import ExecutionRefused
 from ..engine.recipe import EntryPointRefused, recipe_class
 from ..engine.sparsifier import Sparsifier
 from ..recipes.base import Phase, PhaseParts, RunContext
 from .config import (
-    ConfigError, ExperimentConfig, Problem, SparsityPlan, parse_config, plan_sparsity, problem_at, resolve_config,
+    ConfigError, ExperimentConfig, Problem, SparsityPlan, algorithm_parameters, parse_config, plan_sparsity, problem_at,
+    resolve_config, sparsity_blocks,
 )
 from .data import Dataset, check_dataset, dataset_info, load_dataset
 from .models import create_model
 
 __all__ = ["Experiment", "prepare", "make_optimizer", "resolve_device", "ranks", "train_batches", "StandardPhase"]
 
+_DRY_RUN_BATCH = 256
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
@@ -183,6 +186,9 @@ def prepare(config: ExperimentConfig | dict, load_data: bool = True, require_dat
     except (ValueError, TypeError) as e:
         raise ConfigError([Problem("model", f"{e} (data {config.data.name!r}: inputs {tuple(input_shape)}, "
                                             f"{num_classes} classes)")]) from None
+    except (RuntimeError, MemoryError, OverflowError, ZeroDivisionError) as e:   # torch refusing the layers
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError([Problem("model", f"cannot be built with {model_kwargs}: {first}")]) from None
     model.to(device)
     _check_fits(model, input_shape, num_classes, config.data.name)
     cost = layer_costs(model, input_shape)
@@ -200,8 +206,9 @@ def prepare(config: ExperimentConfig | dict, load_data: bool = True, require_dat
         return exp
     exp.optimizer = make_optimizer(config, model.parameters())
     if plan is not None:
+        # a dry run's stand-in batch of zeros: bounded (batch_size may be 10**12; the scores see zeros anyway)
         batch = (lambda: train_batches(data, config.data.batch_size, device)) if data is not None else \
-            _zero_batch(input_shape, num_classes, config.data.batch_size)
+            _zero_batch(input_shape, num_classes, min(config.data.batch_size, n_train, _DRY_RUN_BATCH))
         try:
             exp.sparsifier = Sparsifier(model, exp.optimizer, plan.algorithms, total_steps=total_steps,
                                         seed=config.seed, data=batch, steps_per_epoch=steps_per_epoch,
@@ -213,6 +220,7 @@ def prepare(config: ExperimentConfig | dict, load_data: bool = True, require_dat
         except (ValueError, TypeError) as e:
             raise ConfigError([problem_at("sparsity", e)]) from None
         _final_targets(plan, exp.sparsifier)
+        _check_updates_fall_in_training(exp)
     steps = exp.sparsifier.schedule_steps() if exp.sparsifier is not None else total_steps
     if steps != total_steps:
         notes.append(f"the learning-rate schedule spans {steps} steps, one pass of the method's own cycle "
@@ -268,6 +276,48 @@ def _final_targets(plan: SparsityPlan, sparsifier: Sparsifier) -> None:
     for row in plan.rows:
         if row.name in final and abs(final[row.name] - row.target_sparsity) > 1e-9:
             row.start_sparsity, row.target_sparsity = row.target_sparsity, final[row.name]
+
+
+def _check_updates_fall_in_training(exp: Experiment) -> None:
+    """A method that changes masks on its update schedule must have an update inside training: a
+    start (or every listed step) after the last step, or a window with no step in it, is a
+    ConfigError at the key to change; updates only prevented by a ``freq`` longer than the run get
+    a note (a short test run of a long config is legitimate)."""
+    clock = Clock(0, exp.total_steps, epoch_steps=exp.steps_per_epoch)
+    blocks = dict(sparsity_blocks(exp.config))
+    total = exp.total_steps
+    problems = []
+    for alg in exp.plan.algorithms:
+        update = getattr(alg, "update", None)
+        if not isinstance(update, UpdateSchedule) or type(alg).update_masks is SparsityAlgorithm.update_masks:
+            continue   # masks that never change on the schedule (static), or a schedule of its own (IMP)
+        if update.first_update(clock) is not None:
+            continue
+        names = {sp.name for sp in alg.select(exp.model)}
+        where = next((r.block for r in exp.plan.rows if r.algorithm and r.name in names), "sparsity")
+        block = blocks.get(where.split(".param_filters")[0])
+        own_start = block is not None and block.update is None and "start" in algorithm_parameters(type(alg))
+        if update.steps is not None:
+            problems.append(Problem(f"{where}.update.steps", f"every update step {list(update.steps)[:5]} falls "
+                                    f"after the {total} training steps, so the masks would never change; allowed: "
+                                    f"steps in [1, {total}]"))
+            continue
+        start = clock.to_steps(update.start)
+        key = f"{where}.start" if own_start else f"{where}.update.start"
+        if start > total:
+            given = f" ({update.start!r} of training)" if isinstance(update.start, float) and update.start < 1 else ""
+            problems.append(Problem(key, f"the first mask update would come at step {start:g}{given}, after "
+                                    f"the last of the {total} training steps, so the masks would never change; "
+                                    f"allowed: a start within training (a step ≤ {total}, or a fraction of training < 1)"))
+        elif update.stop is not None and clock.to_steps(update.stop) <= start:
+            problems.append(Problem(f"{where}.update", f"the update window from {update.start!r} to {update.stop!r} "
+                                    f"holds no step of the {total} training steps (it is empty: stop ≤ start), so "
+                                    "the masks would never change; allowed: a stop after the start"))
+        else:
+            exp.notes.append(f"{where}: no mask update falls in the {total} training steps (one every {update.freq} "
+                             f"steps from step {start:g}): the masks stay as they start")
+    if problems:
+        raise ConfigError(problems)
 
 
 def _zero_batch(input_shape: Sequence[int], num_classes: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -426,5 +426,9 @@ def create_model(name: str, input_shape: Sequence[int], num_classes: int, **kwar
     """Build a model of :data:`MODELS` for data of ``input_shape`` and ``num_classes``."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {list_models()}")
+    for key, value in kwargs.items():   # widths, depths, sizes: a layer of -5 units is no model
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in values):
+            raise ValueError(f"{key} must be positive integers, got {value!r}")
     return MODELS[name](tuple(input_shape), int(num_classes), **kwargs)
 

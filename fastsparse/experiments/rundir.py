@@ -7,6 +7,10 @@
     metrics.jsonl    one line per epoch (also metrics.csv); updates.jsonl, one line per mask update
     model.pt         final weights and masks (masked form, also for sparse-executed layers)
     summary.json     written last: its presence marks the run complete
+    run.lock         while a process trains the run (:mod:`.lock`)
+
+Every file is written to ``<name>.tmp`` and renamed; a process killed while writing leaves a
+``.tmp`` file, which the next run of the folder removes (it holds the lock).
 """
 from __future__ import annotations
 
@@ -21,8 +25,18 @@ import torch
 from .config import config_hash
 from .experiment import ranks
 
-__all__ = ["label", "run_dir_for", "atomic_write", "atomic_save", "load_checkpoint", "to_yaml", "config_diff",
-           "saved_config", "find_changed_run"]
+__all__ = ["label", "run_dir_for", "atomic_write", "atomic_save", "to_yaml", "config_diff",
+           "saved_config", "find_changed_run", "RunFolderError", "RunFolderBlocked", "TMP_SUFFIX"]
+
+TMP_SUFFIX = ".tmp"
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be created or written (no space, no permission, a file in the way, locked)."""
+
+
+class RunFolderBlocked(RunFolderError):
+    """The run folder cannot be used as given: a file is in its way, or another run holds it."""
 
 
 def label(resolved: dict[str, Any]) -> str:
@@ -41,15 +55,29 @@ def run_dir_for(resolved: dict[str, Any], out: str | os.PathLike) -> Path:
     return out / f"{label(resolved)}-{config_hash(resolved)}"
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
+def atomic_write(path: Path, data: bytes | str, durable: bool = False) -> None:
     """Write to a temporary file, then rename: a killed process leaves the old file or the new one.
-    Under torchrun only rank 0 writes (the ranks hold the same model)."""
+    ``durable``: flush to the disk before the rename (checkpoints). Under torchrun only rank 0 writes
+    (the ranks hold the same model). A failure (no space, no permission) removes the temporary file,
+    keeps the old file and raises :class:`RunFolderError`."""
     if ranks()[0] != 0:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        reason = e.strerror or str(e)
+        raise RunFolderError(f"cannot write {path}: {reason} (the previous {path.name}, if any, is intact)") from e
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -57,12 +85,7 @@ def atomic_save(obj: Any, path: Path) -> None:
         return
     buf = io.BytesIO()
     torch.save(obj, buf)
-    atomic_write(path, buf.getvalue())
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint, read without unpickling anything but tensors and plain data."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    atomic_write(path, buf.getvalue(), durable=True)
 
 
 def to_yaml(data: dict[str, Any]) -> str:

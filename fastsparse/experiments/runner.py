@@ -32,17 +32,17 @@ from ..recipes.base import PhaseParts, RunContext
 from .config import ExperimentConfig, config_hash
 from .experiment import Experiment, make_optimizer, prepare, ranks, train_batches
 from .metrics import Progress, append_metrics, evaluate, summary, write_metrics
+from .checkpoint import ResumeError, check_fit, check_identity, check_masks, leftover_files, read_checkpoint, \
+    save_checkpoint
+from .lock import RunLocked, hold_run_folder
 from .rundir import (
-    atomic_save, atomic_write, config_diff, find_changed_run, load_checkpoint, run_dir_for, saved_config, to_yaml,
+    RunFolderError, atomic_save, atomic_write, config_diff, find_changed_run, run_dir_for, saved_config, to_yaml,
 )
 
-__all__ = ["run", "prepare", "Experiment", "RunInterrupted", "ResumeError", "run_dir_for", "evaluate"]
+__all__ = ["run", "prepare", "Experiment", "RunInterrupted", "ResumeError", "RunFolderError", "RunLocked",
+           "run_dir_for", "evaluate"]
 
 log = logging.getLogger("fastsparse.train")
-
-
-class ResumeError(ValueError):
-    """A run folder that cannot be continued as asked (config changed, nothing to resume, ...)."""
 
 
 class RunInterrupted(RuntimeError):
@@ -55,10 +55,11 @@ def run(config: ExperimentConfig | dict, out: str | os.PathLike = "runs", *, res
     """Train the experiment ``config`` into its run folder under ``out``; return ``summary.json``'s content.
 
     A finished run (its ``summary.json`` exists) is not trained again. ``resume``: continue an
-    interrupted run from its last checkpoint; the config must be the one it started with.
-    ``resume="auto"``: continue if there is a checkpoint, start otherwise.
-    ``checkpoint_every``: epochs between checkpoints (the last epoch always has one; results do
-    not depend on it). ``on_epoch_end(epoch, metrics)`` is called after each epoch's logs.
+    interrupted run from its last checkpoint; the config must be the one it started with, and the
+    checkpoint is verified (:mod:`.checkpoint`) before anything changes. ``resume="auto"``: continue
+    if there is a checkpoint, start otherwise. One process at a time trains a run folder
+    (:mod:`.lock`). ``checkpoint_every``: epochs between checkpoints (the last epoch always has one;
+    results do not depend on it). ``on_epoch_end(epoch, metrics)`` is called after each epoch's logs.
     """
     exp = prepare(config)
     for note in exp.notes:
@@ -74,37 +75,59 @@ def run(config: ExperimentConfig | dict, out: str | os.PathLike = "runs", *, res
     if (run_dir / "summary.json").is_file():
         log.info("%s is complete; not training it again", run_dir)
         return json.loads((run_dir / "summary.json").read_text())
-    if resume == "auto":
-        resume = ckpt_path.is_file()
-    if resume and not ckpt_path.is_file():
-        if run_dir.is_dir():
-            log.warning("%s has no checkpoint yet; starting it from the beginning", run_dir)
-        else:
-            changed = find_changed_run(out, source, exp.resolved)
-            if changed is not None:
-                raise ResumeError(f"the config changed since {changed[0]} was started, so it cannot be resumed: "
-                                  + "; ".join(changed[1]) + ". Restore those settings to resume, or train "
-                                  "without --resume to start a new run")
-            raise ResumeError(f"nothing to resume: no run of this config in {out} (expected {run_dir.name}); "
-                              f"train without --resume to start it")
-    if not resume and ckpt_path.is_file():
-        raise ResumeError(f"{run_dir} holds an interrupted run of this config: pass --resume to continue it, "
-                          f"or delete the folder to start over")
-    if resume:
-        exp = _replay_execution(exp, config, run_dir)
+    if resume is True and not run_dir.is_dir():
+        changed = find_changed_run(out, source, exp.resolved)
+        if changed is not None:
+            raise ResumeError(f"the config changed since {changed[0]} was started, so it cannot be resumed: "
+                              + "; ".join(changed[1]) + ". Restore those settings to resume, or train "
+                              "without --resume to start a new run")
+        raise ResumeError(f"nothing to resume: no run of this config in {out} (expected {run_dir.name}); "
+                          f"train without --resume to start it")
     if ranks()[1] > 1:
         import torch.distributed as dist
         dist.barrier()   # every rank has made the checks above before rank 0 writes anything
+    with hold_run_folder(run_dir):
+        if (run_dir / "summary.json").is_file():   # finished by the process that held the lock before us
+            return json.loads((run_dir / "summary.json").read_text())
+        if resume == "auto":
+            resume = ckpt_path.is_file()
+        if resume and not ckpt_path.is_file():
+            log.warning("%s has no checkpoint yet; starting it from the beginning", run_dir)
+        if not resume and ckpt_path.is_file():
+            raise ResumeError(f"{run_dir} holds an interrupted run of this config: pass --resume to continue it, "
+                              f"or delete the folder to start over")
+        if resume:
+            exp = _replay_execution(exp, config, run_dir)
+        state = _verified_checkpoint(exp, ckpt_path) if resume and ckpt_path.is_file() else None
+        return _train(exp, run_dir, state, ckpt_path, source, progress, max(1, checkpoint_every), on_epoch_end)
+
+
+def _open_folder(exp: Experiment, run_dir: Path, source: str | None) -> None:
+    """The first writes of a run (after a checkpoint was verified and loaded): leftovers of a killed
+    writer removed, the resolved config and where it came from."""
     if ranks()[0] == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in leftover_files(run_dir):
+            log.warning("removing %s, left by a process killed while writing it", leftover)
+            leftover.unlink()
     atomic_write(run_dir / "config.yaml", to_yaml(exp.resolved))
     if not (run_dir / "run.json").is_file():
         atomic_write(run_dir / "run.json", json.dumps({"source": source, "hash": config_hash(exp.resolved),
                                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
     if _saved_execution(run_dir) != {c.name: c.execution for c in getattr(exp.sparsifier, "choices", [])}:
         atomic_write(run_dir / "execution.json", json.dumps(_execution_of(exp), indent=1))
-    return _train(exp, run_dir, ckpt_path if ckpt_path.is_file() else None, progress, max(1, checkpoint_every),
-                  on_epoch_end)
+
+
+def _verified_checkpoint(exp: Experiment, path: Path) -> dict[str, Any]:
+    """The checkpoint, checked for integrity, identity, shape and the masks' invariants (nothing changed yet)."""
+    state = read_checkpoint(path)
+    check_identity(state, exp.resolved, path)
+    check_masks(state, path)
+    starts = [sum(p.epochs for p in exp.phases[:i]) for i in range(len(exp.phases))]
+    phase, epoch = state["phase"], state["epoch"]
+    if not 0 <= phase < len(exp.phases) or not starts[phase] <= epoch <= starts[phase] + exp.phases[phase].epochs:
+        raise ResumeError(f"{path}: phase {phase}, epoch {epoch} lie outside this run's "
+                          f"{len(exp.phases)} phases of {[p.epochs for p in exp.phases]} epochs (corrupt)")
+    return state
 
 
 def _execution_of(exp: Experiment) -> dict[str, dict[str, Any]]:
@@ -164,9 +187,8 @@ class _Phase:
             self.parts.sparsifier.load_state_dict(state["sparsifier"])
 
 
-def _train(exp: Experiment, run_dir: Path, checkpoint: Path | None, progress: bool, every: int,
-           on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
-    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+def _train(exp: Experiment, run_dir: Path, state: dict[str, Any] | None, ckpt_path: Path, source: str | None,
+           progress: bool, every: int, on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
     config, model = exp.config, exp.model
     ctx = _context(exp, run_dir)
     order = torch.Generator().manual_seed(config.seed)
@@ -179,14 +201,13 @@ def _train(exp: Experiment, run_dir: Path, checkpoint: Path | None, progress: bo
         metrics, updates, acc = state["metrics"], state["updates"], state["accumulators"]
         order.set_state(state["data_rng"])
     starts = [sum(p.epochs for p in exp.phases[:i]) for i in range(len(exp.phases))]
-    current = _Phase(exp, index, exp.phases[index].start(ctx, state["phase_state"] if state else None), starts[index])
     if state is not None:
-        model.load_state_dict(state["model"])
-        current.load(state)
-        torch.set_rng_state(state["torch_rng"])
+        current = _resume(exp, ctx, state, ckpt_path, starts[index])
         log.info("resuming %s at epoch %d (%s)", run_dir, epoch, current.phase.name)
     else:
+        current = _Phase(exp, index, exp.phases[index].start(ctx, None), starts[index])
         epoch = current.first_epoch
+    _open_folder(exp, run_dir, source)
     write_metrics(run_dir, metrics, updates + _history(current))
     f_dense = forward_flops(model, exp.cost, sparse=False)
     total_epochs = starts[-1] + exp.phases[-1].epochs
@@ -214,6 +235,23 @@ def _train(exp: Experiment, run_dir: Path, checkpoint: Path | None, progress: bo
     finally:
         bar.close()
     return _finish(exp, current.parts.sparsifier, run_dir, metrics, acc, f_dense)
+
+
+def _resume(exp: Experiment, ctx: RunContext, state: dict[str, Any], path: Path, first_epoch: int) -> _Phase:
+    """The checkpoint's phase, started from its state; the model, optimizer, schedule and engine
+    loaded after their fit is checked (a verified checkpoint of this config always fits)."""
+    try:
+        current = _Phase(exp, state["phase"], exp.phases[state["phase"]].start(ctx, state["phase_state"]), first_epoch)
+        check_fit(state, exp.model, current.parts.optimizer, path)
+        exp.model.load_state_dict(state["model"])
+        current.load(state)
+        torch.set_rng_state(state["torch_rng"])
+    except ResumeError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise ResumeError(f"{path} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
+            from None
+    return current
 
 
 def _label_of(exp: Experiment) -> str:
@@ -318,8 +356,8 @@ def _checkpoint(run_dir: Path, exp: Experiment, current: _Phase, epoch: int, ord
     """Everything a resumed run needs to continue bit for bit, written atomically."""
     state = {"epoch": epoch, "model": exp.model.state_dict(), **current.state(), "data_rng": order.get_state(),
              "torch_rng": torch.get_rng_state(), "metrics": metrics, "updates": updates, "accumulators": acc,
-             "config_hash": config_hash(exp.resolved)}
-    atomic_save(state, run_dir / "checkpoint.pt")
+             "config_hash": config_hash(exp.resolved), "config": exp.resolved}
+    save_checkpoint(state, run_dir / "checkpoint.pt")
 
 
 def _finish(exp: Experiment, sparsifier: Any, run_dir: Path, metrics: list[dict[str, Any]], acc: dict[str, Any],

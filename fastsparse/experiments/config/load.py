@@ -15,7 +15,7 @@ from .errors import ConfigError, Problem, format_path, problems_of
 from .keys import algorithm_parameters, check_keys, component_parameters, raw_blocks
 from .schema import RESERVED, VOCABULARY, ExperimentConfig, SparsityBlock
 
-__all__ = ["load_yaml", "apply_overrides", "load_config", "parse_config", "sparsity_blocks", "resolve_config",
+__all__ = ["safe_yaml", "load_yaml", "apply_overrides", "load_config", "parse_config", "sparsity_blocks", "resolve_config",
            "config_hash"]
 
 _BLOCK_ALIASES = {"type": "algorithm", "schedule": "update"}
@@ -43,6 +43,41 @@ def _cerebras_spellings(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Probl
     return raw, problems
 
 
+def _unique_key_loader():
+    """yaml's SafeLoader, refusing a key given twice in one mapping (at any depth): the YAML spec
+    forbids it and PyYAML would keep the last value silently. Keys merged with ``<<`` may be
+    overridden, as YAML intends."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, Any] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.get(key)
+                    except TypeError:   # an unhashable key: the base class reports it
+                        continue
+                    if first is not None:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (first given at line {first.line + 1}); "
+                            "each key may appear once in a mapping", key_node.start_mark)
+                    seen[key] = key_node.start_mark
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def safe_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (a ``yaml.YAMLError`` with the line and the key)."""
+    import yaml
+
+    return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing, unreadable, empty or non-mapping file is a ConfigError."""
     import yaml
@@ -55,7 +90,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"cannot read {path}: {e}"], str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -80,7 +115,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             problems.append(Problem("--set", f"expected key=value, got {item!r}"))
             continue
         try:
-            value = yaml.safe_load(text)
+            value = safe_yaml(text)
+        except yaml.constructor.ConstructorError as e:
+            problems.append(Problem(key.strip(), f"--set {item!r}: {e.problem}"))
+            continue
         except yaml.YAMLError:
             value = text
         parts: list[str | int] = []

@@ -59,8 +59,10 @@ def convert_with_notes(text: str) -> tuple[dict[str, Any], list[str]]:
     """(our experiment config, notes) for the text of their YAML config."""
     import yaml
 
+    from ..config.load import safe_yaml
+
     try:
-        their = yaml.safe_load(text)
+        their = safe_yaml(text)
     except yaml.YAMLError as e:
         raise ConversionError(f"not a YAML file: {e}") from None
     if not isinstance(their, dict):
