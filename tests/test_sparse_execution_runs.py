@@ -133,3 +133,31 @@ def test_a_sparse_executed_gradual_run_resumes_bit_for_bit(tmp_path):
     a = torch.load(f"{resumed['run_dir']}/model.pt", weights_only=True)
     b = torch.load(f"{whole['run_dir']}/model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_compare_with_executions_reports_each_setup_against_its_own_dense(tmp_path):
+    from fastsparse.experiments.report import load_runs, write_report
+    from fastsparse.experiments.suite import (
+        BUILTIN_SUITES, DIGITS_BASE, load_suite, method_config, remember_skipped, run_suite,
+    )
+
+    wide = load_suite("wide")
+    assert wide.executions == ["masked", "sparse"] and wide.base["model"]["sizes"] == [64, 2048, 2048, 10]
+    assert set(BUILTIN_SUITES) == {"digits", "wide"}
+    assert method_config(DIGITS_BASE, "rigl", 0.9, 0, execution="sparse")["execution"] == "sparse"
+    assert "execution" not in method_config(DIGITS_BASE, "dense", 0.9, 0, execution="sparse")
+    block = {"distribution": "erk", "update": {"freq": 10, "stop": 0.75}, "drop_fraction": 0.3}
+    narrow = {**DIGITS_BASE, "epochs": 2}
+    broad = {**DIGITS_BASE, "epochs": 2, "model": {"name": "mlp", "sizes": [64, 512, 10]}}
+    run_suite(tmp_path, methods=["dense", "set", "rigl"], sparsities=[0.9, 0.98], seeds=1, base=narrow, block=block,
+              workers=1, progress=False)   # the larger setup: the report's main table and figures
+    summaries, failures = run_suite(tmp_path, methods=["dense", "rigl"], sparsities=[0.9], seeds=1, base=broad,
+                                    block=block, workers=1, progress=False, executions=["masked", "sparse"])
+    assert failures == {} and sorted(s["method"] for s in summaries) == ["dense", "rigl", "rigl (sparse execution)"]
+    assert len(load_runs(tmp_path / "runs")) == 8
+    remember_skipped(tmp_path, {"a": "first"})
+    text = write_report(tmp_path / "runs", tmp_path, skipped=remember_skipped(tmp_path, {"b": "second"})).read_text()
+    main, section = text.split("## digits, MLP 64-512-10, 2 epochs")
+    assert "| rigl | 90% |" in main and "sparse execution" not in main
+    assert "| rigl (sparse execution) | 90% |" in section and "| dense | 0% |" in section
+    assert "`a`: first" in text and "`b`: second" in text

@@ -23,7 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "CSRStructure", "index_dtype_for", "structure_from_flat", "build_sparse", "relocate", "dense_grad_rows",
-    "block_rows_for_budget", "topk_outside", "topk_inactive_by_grad", "topk_inactive_reference", "topk_exact",
+    "block_rows_for_budget", "topk_outside", "merge_sorted", "csr_rows", "topk_inactive_by_grad", "topk_inactive_reference", "topk_exact",
     "random_flat",
 ]
 
@@ -97,18 +97,18 @@ def structure_from_flat(flat: Tensor, shape: Tuple[int, int],
     dt = index_dtype_for(shape, nnz, index_dtype)
     dev = flat.device
     rows = torch.div(flat, inp, rounding_mode="floor")
-    cols = flat - rows * inp
+    cols = (flat - rows * inp).to(dt)
+    rows = rows.to(dt)
     crow = torch.zeros(out + 1, dtype=torch.int64, device=dev)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out), 0)
     # CSR of W^T: stable sort by column keeps rows ascending within a column.
-    cols_sorted, perm = torch.sort(cols, stable=True)
+    _, perm = torch.sort(cols, stable=True)
     crow_t = torch.zeros(inp + 1, dtype=torch.int64, device=dev)
     crow_t[1:] = torch.cumsum(torch.bincount(cols, minlength=inp), 0)
-    col_t = rows.index_select(0, perm)
     return CSRStructure(
         shape=(out, inp),
-        crow=crow.to(dt), col=cols.to(dt),
-        crow_t=crow_t.to(dt), col_t=col_t.to(dt),
+        crow=crow.to(dt), col=cols,
+        crow_t=crow_t.to(dt), col_t=rows.index_select(0, perm),
         perm=perm.to(dt),
     )
 
@@ -146,7 +146,8 @@ def _new_flat(new: Union[Tensor, CSRStructure], shape: Tuple[int, int]) -> Tenso
 
 
 def relocate(old: CSRStructure, new: Union[Tensor, CSRStructure], old_values: Tensor,
-             *state_tensors: Optional[Tensor], index_dtype: Optional[torch.dtype] = None):
+             *state_tensors: Optional[Tensor], index_dtype: Optional[torch.dtype] = None,
+             kept_out: Optional[list] = None, sources: Optional[Tensor] = None):
     """Move values (and per-value state tensors) to a new sparsity structure.
 
     ``new`` is a bool mask (out, in), a 1-D tensor of flat indices ``row*in+col``
@@ -154,7 +155,10 @@ def relocate(old: CSRStructure, new: Union[Tensor, CSRStructure], old_values: Te
     both keep value and state; newly active ones get 0 value and 0 state.
     ``None`` state tensors pass through as ``None``.
 
-    Returns ``(new_structure, new_values, *new_state_tensors)``.
+    Returns ``(new_structure, new_values, *new_state_tensors)``; ``kept_out`` (a list) receives the
+    bool tensor, in the new order, of the weights that were active before. ``sources`` (with sorted
+    flat ``new``): each new weight's index in the old order, or -1 where it was not active; it
+    spares the search.
     Cost: O(nnz log nnz) on int64 flat indices; no dense tensor is formed
     (unless ``new`` itself is a dense mask).
     """
@@ -162,16 +166,23 @@ def relocate(old: CSRStructure, new: Union[Tensor, CSRStructure], old_values: Te
     new_flat = _new_flat(new, shape)
     new_st = new if isinstance(new, CSRStructure) else structure_from_flat(
         new_flat, shape, index_dtype or old.index_dtype)
-    old_flat = old.flat()                               # sorted
     n_new = new_flat.numel()
-    if old_flat.numel():
+    if sources is not None:                             # the caller knows where each weight was
+        kept = sources >= 0
+        dst = kept.nonzero().squeeze(1)
+        src = sources.index_select(0, dst)
+    elif old.nnz:
+        old_flat = old.flat()                           # sorted
         pos = torch.searchsorted(old_flat, new_flat)
         pos_c = pos.clamp_max(old_flat.numel() - 1)
         kept = old_flat.index_select(0, pos_c) == new_flat
         dst = kept.nonzero().squeeze(1)
         src = pos_c.index_select(0, dst)
     else:
+        kept = torch.zeros(n_new, dtype=torch.bool, device=new_flat.device)
         dst = src = torch.zeros(0, dtype=torch.long, device=new_flat.device)
+    if kept_out is not None:
+        kept_out.append(kept)
 
     def move(t: Optional[Tensor]) -> Optional[Tensor]:
         if t is None:
@@ -200,23 +211,66 @@ def block_rows_for_budget(in_features: int, budget_bytes: int = 16 * 2**20,
 
 
 def _kth_largest(scores: Tensor, k: int) -> Tensor:
-    """The k-th largest value (1 <= k <= n) via the cheaper of topk(k) / topk(n-k+1, smallest)."""
+    """The k-th largest value (1 <= k <= n), exactly. For large n a strided sample brackets it, and
+    the exact selection runs on the values inside the bracket only (torch's selection over all n
+    copies the tensor and runs on one core)."""
     n = scores.numel()
-    if k <= n - k + 1:
+    if k <= n - k + 1 and k <= 1024:   # a small top-k is cheaper than a full selection
         return torch.topk(scores, k, sorted=False).values.min()
-    return torch.topk(scores, n - k + 1, largest=False, sorted=False).values.max()
+    if n >= 1 << 17:
+        stride = n // 16384
+        sample = torch.sort(scores[::stride], descending=True).values
+        q = k / n * sample.numel()                       # the k-th largest's rank in the sample
+        margin = 4.0 * math.sqrt(q + 1.0) + 16.0
+        hi = sample[max(0, int(q - margin))]
+        lo = sample[min(sample.numel() - 1, int(q + margin))]
+        above = int((scores > hi).count_nonzero())
+        band = scores[(scores <= hi) & (scores >= lo)]
+        need = k - above                                 # the k-th largest is the need-th largest of the band
+        if 1 <= need <= band.numel():
+            return torch.kthvalue(band, band.numel() - need + 1).values
+    return torch.kthvalue(scores, n - k + 1).values
 
 
 def _topk_exact_small(scores: Tensor, k: int) -> Tensor:
-    """Positions of the k largest scores, ties -> lowest position first; sorted ascending."""
+    """Positions of the k largest scores, ties -> lowest position first; sorted ascending (one pass
+    over a bool mask, no sort)."""
     n = scores.numel()
     if k >= n:
         return torch.arange(n, device=scores.device)
     thr = _kth_largest(scores, k)
-    above = (scores > thr).nonzero().squeeze(1)
-    equal = (scores == thr).nonzero().squeeze(1)[: k - above.numel()]
-    sel, _ = torch.sort(torch.cat([above, equal]))
-    return sel
+    take = scores > thr
+    short = k - int(take.count_nonzero())
+    if short > 0:
+        take[(scores == thr).nonzero().squeeze(1)[:short]] = True
+    return take.nonzero().squeeze(1)
+
+
+def merge_sorted(a: Tensor, b: Tensor, payload_a: Optional[Tensor] = None, payload_b: Optional[Tensor] = None):
+    """The sorted union of two sorted 1-D tensors with no element in common (no sort: one binary
+    search of b's elements in a). With payloads (one per element of a and of b), returns
+    ``(merged, merged payloads)``."""
+    at = torch.searchsorted(a, b) + torch.arange(b.numel(), device=b.device)   # b's slots in the result
+    from_a = torch.ones(a.numel() + b.numel(), dtype=torch.bool, device=a.device)
+    from_a[at] = False
+    a_at = from_a.nonzero().squeeze(1)                                         # a's slots
+
+    def merge(x: Tensor, y: Tensor) -> Tensor:
+        out = torch.empty(a.numel() + b.numel(), dtype=x.dtype, device=x.device)
+        out.index_copy_(0, at, y)
+        out.index_copy_(0, a_at, x)
+        return out
+
+    merged = merge(a, b)
+    return merged if payload_a is None else (merged, merge(payload_a, payload_b))
+
+
+def csr_rows(flat: Tensor, shape: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+    """``crow`` and ``col`` (int64) of sorted unique flat positions: the row-major half of a structure."""
+    rows = torch.div(flat, shape[1], rounding_mode="floor")
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=flat.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
+    return crow, flat - rows * shape[1]
 
 
 def topk_exact(scores: Tensor, k: int, sample_stride: int = 64) -> Tensor:
@@ -244,11 +298,11 @@ def topk_exact(scores: Tensor, k: int, sample_stride: int = 64) -> Tensor:
 
 
 def topk_outside(shape: Tuple[int, int], crow: Tensor, col: Tensor, k: int,
-                 score_block: Callable[[int, int], Tensor], block_rows: int, dtype: torch.dtype = torch.float32
-                 ) -> Tuple[Tensor, Tensor]:
+                 score_block: Callable[[int, int], Tensor], block_rows: int, dtype: torch.dtype = torch.float32,
+                 ordered: bool = True) -> Tuple[Tensor, Tensor]:
     """The k positions OUTSIDE the CSR pattern (``crow``, ``col``) with the largest scores, as int64
     flat indices ``row*in+col`` ordered by score (descending; ties: lowest flat index first), and
-    their scores. ``score_block(r0, r1)`` returns the dense (r1 − r0, in) scores of rows [r0, r1);
+    their scores; ``ordered=False``: in ascending flat index instead (no sort). ``score_block(r0, r1)`` returns the dense (r1 − r0, in) scores of rows [r0, r1);
     at most one such block plus O(k) candidates are alive at any time, so a layer never needs a
     dense score tensor larger than a block. If fewer than k positions are outside, all of them.
 
@@ -291,6 +345,8 @@ def topk_outside(shape: Tuple[int, int], crow: Tensor, col: Tensor, k: int,
             keep = _topk_exact_small(pool_val, k)             # ties -> lowest flat index
             pool_idx, pool_val = pool_idx.index_select(0, keep), pool_val.index_select(0, keep)
             thr = pool_val.min()
+    if not ordered:
+        return pool_idx, pool_val
     order = torch.sort(pool_val, descending=True, stable=True).indices
     return pool_idx.index_select(0, order), pool_val.index_select(0, order)
 

@@ -210,17 +210,20 @@ class SparseLinear(nn.Module):
 
     @torch.no_grad()
     def update_structure(self, new: Union[Tensor, CSRStructure],
-                         optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+                         optimizer: Optional[torch.optim.Optimizer] = None, sources: Optional[Tensor] = None) -> Tensor:
         """Change the mask; kept weights (and their optimizer state) move to their
         new slots, grown weights start at 0 with 0 state.  ``new``: bool mask,
         flat indices, or a CSRStructure.  Per-value optimizer state tensors of
         ``optimizer.state[self.values]`` (any tensor of shape (nnz,)) are relocated.
+        Returns, in the new order, whether each weight was active before. ``sources``: see
+        :func:`~fastsparse.core.csr.relocate`.
         """
         p = self.values
         state = optimizer.state.get(p, {}) if optimizer is not None else {}
         keys = [k for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape]
+        kept: list = []
         new_st, new_vals, *new_states = relocate(self.structure, new, p.data,
-                                                 *[state[k] for k in keys])
+                                                 *[state[k] for k in keys], kept_out=kept, sources=sources)
         if new_vals.shape == p.shape:
             p.data = new_vals
         else:   # autograd keeps a parameter's shape: another count of active weights is a new Parameter
@@ -235,6 +238,7 @@ class SparseLinear(nn.Module):
         for k, v in zip(keys, new_states):
             state[k] = v
         self._set_structure(new_st)
+        return kept[0]
 
     def extra_repr(self) -> str:
         dens = self.nnz / max(1, self.in_features * self.out_features)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..algorithms.base import MaskUpdate, generator_for
 from ..algorithms.dst import DST
-from ..core.csr import block_rows_for_budget, structure_from_flat, topk_exact, topk_outside
+from ..core.csr import block_rows_for_budget, csr_rows, merge_sorted, topk_exact, topk_outside
 from ..core.masks import SparseParam
 from ..core.schedules import Clock
 from ..core.scores import gradient_magnitude, random_score, weight_magnitude
@@ -34,7 +34,7 @@ from .execution import CompactParam
 __all__ = ["arm", "fast_path", "decide", "install", "dense_grad"]
 
 # the budget of one block of a dense gradient or score (bytes)
-BLOCK_BYTES = 16 * 2**20
+BLOCK_BYTES = 64 * 2**20
 
 
 def arm(params: Sequence[Any], on: bool) -> None:
@@ -80,18 +80,22 @@ def _fast(alg: DST, cp: CompactParam, clock: Clock, seed: int) -> Tensor | None:
     values, flat = cp.values.detach(), cp.flat()
     n_active = flat.numel()
     n_drop = int(math.floor(f * n_active))
-    kept = flat.index_select(0, topk_exact(values.abs(), n_active - n_drop)) if n_drop else flat
     if n_drop == 0:
         return flat
-    kept_st = structure_from_flat(kept, cp.shape)
+    kept_at = topk_exact(values.abs(), n_active - n_drop)   # ascending positions in the old order
+    kept = flat.index_select(0, kept_at)
+    crow, col = csr_rows(kept, cp.shape)
     rows = block_rows_for_budget(cp.shape[1], BLOCK_BYTES)
     if alg.grow_score is gradient_magnitude:
         score = lambda r0, r1: dense_grad(cp, (r0, r1)).abs_()  # noqa: E731
     else:   # the masked run's torch.rand(shape) drawn block by block: the same numbers
         gen = generator_for(seed, clock.step, cp.name)
         score = lambda r0, r1: torch.rand((r1 - r0, cp.shape[1]), generator=gen).to(values.device)  # noqa: E731
-    grown, _ = topk_outside(cp.shape, kept_st.crow, kept_st.col, n_drop, score, rows, values.dtype)
-    return torch.sort(torch.cat([kept, grown])).values
+    grown, _ = topk_outside(cp.shape, crow, col, n_drop, score, rows, values.dtype, ordered=False)
+    # where each new weight was: kept ones at kept_at, regrown dropped ones found, grown ones nowhere
+    at = torch.searchsorted(flat, grown).clamp_max(n_active - 1)
+    grown_src = torch.where(flat.index_select(0, at) == grown, at, torch.full_like(at, -1))
+    return merge_sorted(kept, grown, kept_at, grown_src)   # both sorted, disjoint
 
 
 class _View(nn.Module):
@@ -139,7 +143,7 @@ def decide(alg: Any, params: Sequence[Any], optimizer: Any, clock: Clock, seed: 
         out = []
         for sp in params:
             if getattr(sp, "compact", False):
-                new = _fast(alg, sp, clock, seed)
+                new = _fast(alg, sp, clock, seed)   # (positions, where each was) or the positions
                 out.append(new if new is not None else sp.flat())
             else:
                 new = alg.update_masks([sp], optimizer, clock, seed)
@@ -165,16 +169,17 @@ def lend(params: Sequence[Any]) -> list[Any]:
 
 
 @torch.no_grad()
-def install(cp: CompactParam, new_flat: Tensor, grown: Tensor | None, optimizer: Any) -> int:
-    """Move ``cp``'s values and per-value optimizer state to ``new_flat``; newly active weights (and
-    the positions of ``grown``) start at 0 with 0 state. Returns how many weights restarted."""
-    old = cp.flat()
+def install(cp: CompactParam, new_flat: Tensor | tuple[Tensor, Tensor], grown: Tensor | None, optimizer: Any
+            ) -> Tensor:
+    """Move ``cp``'s values and per-value optimizer state to ``new_flat`` (sorted positions, or
+    (positions, each one's index in the old order or -1)); newly active weights (and the positions
+    of ``grown``) start at 0 with 0 state. Returns the positions of the weights that restarted."""
+    new_flat, sources = new_flat if isinstance(new_flat, tuple) else (new_flat, None)
     cp.resync(optimizer)
-    cp.module.update_structure(new_flat, optimizer if hasattr(optimizer, "state") else None)
+    fresh = ~cp.module.update_structure(new_flat, optimizer if hasattr(optimizer, "state") else None, sources)
     cp.registered = cp.module.values
-    new = cp.flat()
-    fresh = ~torch.isin(new, old)
     if grown is not None and grown.numel():
+        new = cp.flat()
         again = torch.isin(new, grown) & ~fresh
         if again.any():   # active before, regrown in this update: restart them too
             cp.values.data[again] = 0
@@ -183,12 +188,15 @@ def install(cp: CompactParam, new_flat: Tensor, grown: Tensor | None, optimizer:
                 if isinstance(v, Tensor) and v.shape == cp.values.shape:
                     v[again] = 0
             fresh |= again
-    return int(fresh.count_nonzero())
+    return cp.flat()[fresh]
 
 
-def union(explored: Tensor, cp: CompactParam) -> Tensor:
-    """ITOP's union of every position ever active, kept as sorted flat positions."""
-    return torch.unique(torch.cat([explored, cp.flat()]))
+def union(explored: Tensor, added: Tensor) -> Tensor:
+    """ITOP's union of every position ever active (sorted flat positions) with the sorted ``added``."""
+    if explored.numel() == 0:
+        return added
+    at = torch.searchsorted(explored, added).clamp_max(explored.numel() - 1)
+    return merge_sorted(explored, added[explored.index_select(0, at) != added])
 
 
 def call_with_views(fn: Callable, alg: Any, params: Sequence[Any], clock: Clock) -> Any:

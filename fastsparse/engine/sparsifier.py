@@ -278,12 +278,14 @@ class Sparsifier:
                 for i, (sp, m) in enumerate(zip(g.params, masks)):
                     again = None if grown is None else grown[i]
                     if getattr(sp, "compact", False):
-                        record["changed"] += install(sp, m, again, self.optimizer)
-                        self._union[sp.name] = union(self._union[sp.name], sp)
+                        restarted = install(sp, m, again, self.optimizer)
+                        record["changed"] += restarted.numel()
+                        self._union[sp.name] = union(self._union[sp.name], restarted)
                     else:
                         record["changed"] += self._install(sp, m, again)
                     record["active"] += active_count(sp)
-                g.algorithm.commit(lend(g.params), clock)
+                if type(g.algorithm).commit is not SparsityAlgorithm.commit:   # dense views only for one that reads them
+                    g.algorithm.commit(lend(g.params), clock)
                 if g.recipe is not None:
                     g.recipe.after_update(clock)
             record["changed_fraction"] = record["changed"] / max(1, record["active"])
@@ -337,7 +339,9 @@ class Sparsifier:
         """Install ``masks`` on ``params`` outside the schedule (a recipe's prune-back): dropped
         weights become 0, newly active ones keep their values with zeroed optimizer state.
         Returns the number newly active."""
-        n = sum(self._install(sp, m.to(sp.mask.device)) for sp, m in zip(params, masks))
+        n = sum(install(sp, m.reshape(-1).nonzero().squeeze(1), None, self.optimizer).numel()
+                if getattr(sp, "compact", False) else self._install(sp, m.to(sp.mask.device))
+                for sp, m in zip(params, masks))
         self.apply_masks()
         return n
 

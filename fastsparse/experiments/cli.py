@@ -197,16 +197,16 @@ def _execution_cell(choice: Any) -> str:
 @app.command()
 @one_line_errors
 def compare(
-    suite: Optional[Path] = typer.Argument(None, help="Suite file (YAML); default: the built-in digits suite."),
+    suite: Optional[Path] = typer.Argument(None, help="Suite file (YAML) or a built-in suite: digits (the "
+                                                      "default) or wide (sparse execution on a wide MLP)."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds per method (default 3, or the suite's)."),
     out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for the runs and the report."),
     workers: int = typer.Option(0, "--workers", min=0, help="Parallel processes (0: up to 2, one per core)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the epochs of every run."),
 ) -> None:
     """Train every method of a suite at each sparsity over several seeds, then write report.md and plots."""
-    from .suite import load_suite, run_suite
+    from .suite import load_suite, remember_skipped, run_suite
     from .report import write_report
-
 
     _setup_logging()
     spec = load_suite(suite)
@@ -215,11 +215,11 @@ def compare(
     try:
         summaries, failures = run_suite(out, methods=spec.methods, sparsities=spec.sparsities,
                                         seeds=seeds or spec.seeds, base=spec.base, block=spec.block,
-                                        workers=workers or None)
+                                        workers=workers or None, executions=spec.executions)
     except KeyboardInterrupt:
         err_console.print("interrupted; run the same command again to continue (finished runs are kept)")
         raise typer.Exit(130)
-    skipped = {k.split(":", 1)[1]: v for k, v in failures.items() if k.startswith("skipped:")}
+    skipped = remember_skipped(out, {k.split(":", 1)[1]: v for k, v in failures.items() if k.startswith("skipped:")})
     failed = {k: v for k, v in failures.items() if not k.startswith("skipped:")}
     for name, error in failed.items():
         err_console.print(f"[red]failed:[/] {escape(name)}: {escape(str(error))}", highlight=False)

@@ -17,7 +17,7 @@ from ..core.sparse_linear import weight_masks
 from .config import config_hash
 from .data import Dataset
 from .experiment import ranks
-from .rundir import atomic_write, label
+from .rundir import atomic_write, method_label
 
 __all__ = ["evaluate", "masks_of", "Progress", "METRIC_COLUMNS", "write_metrics", "append_metrics", "summary",
            "target_sparsity"]
@@ -149,7 +149,7 @@ def summary(exp: Any, sp: Any, metrics: list[dict[str, Any]], acc: dict[str, Any
     density = _density_per_layer(exp.model, exp)
     total = sum(m.numel() for m in masks_of(exp.model).values())
     return {
-        "method": label(exp.resolved),
+        "method": method_label(exp.resolved),
         "target_sparsity": target_sparsity(sp) if sp is not None else 0.0,
         "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
         "train_accuracy": last["train_accuracy"], "train_loss": last["train_loss"],

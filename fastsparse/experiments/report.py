@@ -94,8 +94,22 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def setup_of(run: Run) -> str:
+    """What a run trained on, apart from the method: data, model, epochs (the report's sections)."""
+    return _subtitle([run]).split(";")[0]
+
+
+def by_setup(runs: Sequence[Run]) -> list[list[Run]]:
+    """The runs grouped by :func:`setup_of`, the largest group first (it gets the figures)."""
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for r in runs:
+        groups[setup_of(r)].append(r)
+    return sorted(groups.values(), key=len, reverse=True)
+
+
 def summarize(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """One row per (method, sparsity): mean/std accuracy, actual sparsity, FLOPs and time vs dense."""
+    """One row per (method, sparsity): mean/std accuracy, actual sparsity, FLOPs and time vs dense
+    (the dense runs of the same setup: pass the runs of one setup, see :func:`by_setup`)."""
     groups: dict[tuple[str, float], list[Run]] = defaultdict(list)
     for r in runs:
         groups[(r.method, r.level)].append(r)
@@ -368,24 +382,10 @@ def _pct(x: float, digits: int = 1) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}%"
 
 
-def write_report(path: str | Path, out: str | Path | None = None, skipped: dict[str, str] | None = None,
-                 command: str | None = None) -> Path:
-    """Read the runs below ``path`` and write ``report.md`` and the figures into ``out`` (default ``path``)."""
-    runs = load_runs(path)
-    if not runs:
-        raise FileNotFoundError(f"no finished run (a folder with summary.json) in {path}")
-    out = Path(out or path)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = summarize(runs)
-    plot_accuracy(runs, out / "accuracy.png")
-    plot_density(runs, out / "density.png")
-    has_updates = plot_mask_updates(runs, out / "mask_updates.png")
-    plot_accuracy_vs_flops(rows, runs, out / "accuracy_vs_flops.png")
-    lines = ["# fastsparse comparison", "", f"{_subtitle(runs)}.", ""]
-    if command:
-        lines += [f"Reproduce with `{command}`.", ""]
-    lines += ["| method | target sparsity | test accuracy (mean ± std) | actual sparsity | training FLOPs (× dense) "
-              "| wall time (× dense) | runs |", "|---|---|---|---|---|---|---|"]
+def _table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], bool]:
+    """The markdown table of :func:`summarize`'s rows, and whether a run missed its target."""
+    lines = ["| method | target sparsity | test accuracy (mean ± std) | actual sparsity | training FLOPs (× dense) "
+             "| wall time (× dense) | runs |", "|---|---|---|---|---|---|---|"]
     missed = False
     for r in rows:
         time_ratio = "–" if math.isnan(r["time"]) else f"{r['time']:.2f}"
@@ -394,6 +394,36 @@ def write_report(path: str | Path, out: str | Path | None = None, skipped: dict[
         missed = missed or bool(mark)
         lines.append(f"| {r['method']}{mark} | {_pct(r['level'], 0)} | {accuracy} | {_pct(r['sparsity'], 2)} | "
                      f"{r['flops']:.3f} | {time_ratio} | {r['runs']} |")
+    return lines, missed
+
+
+def _section_note(runs: Sequence[Run]) -> list[str]:
+    if not any("execution" in r.summary for r in runs):
+        return []
+    return ["Rows marked *sparse execution* train their Linear weights as their active values only (see "
+            "docs/sparse-execution.md in the repository); the others are masked. Wall time is relative to dense "
+            "training of this model.", ""]
+
+
+def write_report(path: str | Path, out: str | Path | None = None, skipped: dict[str, str] | None = None,
+                 command: str | None = None) -> Path:
+    """Read the runs below ``path`` and write ``report.md`` and the figures into ``out`` (default ``path``)."""
+    runs = load_runs(path)
+    if not runs:
+        raise FileNotFoundError(f"no finished run (a folder with summary.json) in {path}")
+    out = Path(out or path)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, *others = by_setup(runs)   # the figures show the main setup; every setup gets its table
+    rows = summarize(runs)
+    plot_accuracy(runs, out / "accuracy.png")
+    plot_density(runs, out / "density.png")
+    has_updates = plot_mask_updates(runs, out / "mask_updates.png")
+    plot_accuracy_vs_flops(rows, runs, out / "accuracy_vs_flops.png")
+    lines = ["# fastsparse comparison", "", f"{_subtitle(runs)}.", ""]
+    if command:
+        lines += [f"Reproduce with `{command}`.", ""]
+    table, missed = _table(rows)
+    lines += table
     if missed:
         lines += ["", "† the actual sparsity at the end of training is more than 1 point away from the target."]
     lines += [
@@ -410,6 +440,11 @@ def write_report(path: str | Path, out: str | Path | None = None, skipped: dict[
     if has_updates:
         lines += ["![mask updates and exploration](mask_updates.png)", ""]
     lines += ["![accuracy against training FLOPs](accuracy_vs_flops.png)", ""]
+    for group in others:
+        table, missed_here = _table(summarize(group))
+        lines += [f"## {_subtitle(group)}", "", *_section_note(group), *table, ""]
+        if missed_here:
+            lines += ["† the actual sparsity at the end of training is more than 1 point away from the target.", ""]
     if skipped:
         lines += ["## Not in this comparison", ""] + [f"- `{m}`: {why}" for m, why in sorted(skipped.items())] + [""]
     (out / "report.md").write_text("\n".join(lines))

@@ -47,6 +47,12 @@ def label(resolved: dict[str, Any]) -> str:
     return "+".join(b.get("algorithm", "static") for b in blocks)
 
 
+def method_label(resolved: dict[str, Any]) -> str:
+    """The method as reports name it: the algorithms, and the execution when it is not masked."""
+    execution = resolved.get("execution", "masked")
+    return label(resolved) + ("" if execution == "masked" else f" ({execution} execution)")
+
+
 def run_dir_for(resolved: dict[str, Any], out: str | os.PathLike) -> Path:
     """``<out>/<algorithm>-<hash>``, or ``out`` itself when it already is a run folder."""
     out = Path(out)

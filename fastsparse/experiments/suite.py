@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from pydantic import Field, ValidationError, field_validator
@@ -17,9 +18,11 @@ from .config import ConfigError, Problem, algorithm_parameters, load_yaml, parse
 from .config.schema import RESERVED, VOCABULARY, SparsityBlock, known_algorithm
 from .config.specs import Spec, check_levels
 from .experiment import prepare
+from .rundir import atomic_write
 from .runner import run
 
-__all__ = ["DIGITS_BASE", "SUITE_BLOCK", "SuiteSpec", "load_suite", "is_suite", "method_config", "suite_methods",
+__all__ = ["DIGITS_BASE", "WIDE_SUITE", "BUILTIN_SUITES", "remember_skipped", "SUITE_BLOCK", "SuiteSpec", "load_suite",
+           "is_suite", "method_config", "suite_methods",
            "run_suite"]
 
 log = logging.getLogger("fastsparse.train")
@@ -36,6 +39,24 @@ DIGITS_BASE: dict[str, Any] = {
 SUITE_BLOCK: dict[str, Any] = {"distribution": "erk", "update": {"freq": 50, "stop": 0.75}, "drop_fraction": 0.3}
 
 
+# sparse execution where it pays: a wide MLP, masked and sparse-executed runs of the same methods
+WIDE_SUITE: dict[str, Any] = {
+    "base": {**copy.deepcopy(DIGITS_BASE), "model": {"name": "mlp", "sizes": [64, 2048, 2048, 10]}, "epochs": 30},
+    "methods": ["dense", "set", "rigl"], "sparsities": [0.98], "seeds": 2, "executions": ["masked", "sparse"],
+}
+BUILTIN_SUITES: dict[str, dict[str, Any]] = {"digits": {}, "wide": WIDE_SUITE}
+
+
+def remember_skipped(out: str | os.PathLike, skipped: dict[str, str]) -> dict[str, str]:
+    """The methods skipped by every compare into ``out`` so far (``skipped.json``), this one's added."""
+    path = Path(out) / "skipped.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    known.update(skipped)
+    if known:
+        atomic_write(path, json.dumps(known, indent=1, sort_keys=True))
+    return known
+
+
 class SuiteSpec(Spec):
     """A comparison: ``base`` experiment (without ``sparsity``), the ``methods`` (``dense`` and
     registered names; default: every one that runs in the standard loop), the ``sparsities``,
@@ -47,6 +68,8 @@ class SuiteSpec(Spec):
     sparsities: list[float] = [0.9, 0.98]
     seeds: int = Field(3, ge=1)
     block: dict[str, Any] = Field(default_factory=lambda: copy.deepcopy(SUITE_BLOCK))
+    # each sparse method runs once per execution (fastsparse.engine.execution); dense once
+    executions: list[Literal["masked", "sparse", "auto"]] = ["masked"]
 
     @field_validator("methods")
     @classmethod
@@ -66,15 +89,18 @@ class SuiteSpec(Spec):
 
 def is_suite(raw: Any) -> bool:
     """A compare suite file (``base``/``methods``/``block``/``seeds``), not an experiment."""
-    return isinstance(raw, dict) and bool({"methods", "base", "block", "seeds", "sparsities"} & set(raw)) \
+    return isinstance(raw, dict) and bool({"methods", "base", "block", "seeds", "sparsities", "executions"} & set(raw)) \
         and not {"model", "data", "sparsity"} & set(raw)
 
 
 def load_suite(path: str | Path | None = None) -> SuiteSpec:
-    """The built-in digits suite (``path`` None) or a suite file; its base experiment and shared
-    block are validated too, and every problem is reported at once."""
+    """The built-in digits suite (``path`` None), another built-in suite by name (:data:`BUILTIN_SUITES`)
+    or a suite file; its base experiment and shared block are validated too, and every problem is
+    reported at once."""
     if path is None:
         return SuiteSpec()
+    if str(path) in BUILTIN_SUITES and not Path(path).exists():
+        return SuiteSpec.model_validate(copy.deepcopy(BUILTIN_SUITES[str(path)]))
     raw = load_yaml(path)
     problems: list[Problem] = []
     spec = None
@@ -105,14 +131,16 @@ def load_suite(path: str | Path | None = None) -> SuiteSpec:
 
 
 def method_config(base: dict[str, Any], method: str, sparsity: float, seed: int,
-                  block: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The experiment of one suite cell: ``base`` with ``method`` at ``sparsity`` (``dense``: no block);
-    settings of ``block`` the method does not take are left out."""
+                  block: dict[str, Any] | None = None, execution: str = "masked") -> dict[str, Any]:
+    """The experiment of one suite cell: ``base`` with ``method`` at ``sparsity`` (``dense``: no block)
+    and ``execution``; settings of ``block`` the method does not take are left out."""
     cfg = copy.deepcopy(base)
     cfg["seed"] = seed
     cfg.pop("sparsity", None)
     if method == "dense":
         return cfg
+    if execution != "masked":
+        cfg["execution"] = execution
     accepted = algorithm_parameters(get_algorithm(method))
     settings = {k: v for k, v in (SUITE_BLOCK if block is None else block).items() if k in accepted}
     cfg["sparsity"] = {"algorithm": method, "sparsity": sparsity, **settings}
@@ -166,7 +194,8 @@ def _suite_worker(cfg: dict[str, Any], out: str) -> dict[str, Any]:
 def run_suite(out: str | os.PathLike, *, methods: Sequence[str] | None = None,
               sparsities: Sequence[float] = (0.9, 0.98), seeds: int = 3, base: dict[str, Any] | None = None,
               block: dict[str, Any] | None = None, workers: int | None = None,
-              progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, str]]:
+              progress: bool = True, executions: Sequence[str] = ("masked",)
+              ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Train every method × sparsity × seed (dense once per seed) in ``workers`` processes.
 
     Finished runs are reused; an interrupted one continues from its checkpoint. Returns the
@@ -185,7 +214,9 @@ def run_suite(out: str | os.PathLike, *, methods: Sequence[str] | None = None,
     for seed in range(seeds):
         for method in methods:
             for s in (sparsities if method != "dense" else [0.0]):
-                jobs.append((f"{method} s={s:g} seed={seed}", method_config(base, method, s, seed, block)))
+                for execution in (executions if method != "dense" else ["masked"]):
+                    name = f"{method} s={s:g} seed={seed}" + ("" if execution == "masked" else f" {execution}")
+                    jobs.append((name, method_config(base, method, s, seed, block, execution)))
     runs_dir = Path(out) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     workers = workers or min(2, os.cpu_count() or 1)
