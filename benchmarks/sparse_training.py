@@ -8,8 +8,8 @@ sparsity, a masked engine and a sparse-executed one (``execution="sparse"``; ``"
 100·j − 20 to step 100·j: 20 ordinary steps and the step that ends with the mask update (its
 dense gradient, top-k search, relocation of values and momentum). The time of 100 steps with
 their update is then 99 × (median ordinary step) + (update step); every figure is the median
-over ``--repeats`` windows, masked and sparse windows interleaved (the order swapped every
-repeat), so that a busy machine slows both alike.
+over ``--repeats`` windows. The masked and the sparse run take their steps in turn (the order
+swapped every step), so that a slow moment of the machine falls on both alike.
 
 Memory: the bytes of the parameters and the optimizer state (weights or active values, the
 masks or the index structure, biases, momentum), read from the live tensors, against dense
@@ -60,15 +60,22 @@ def train_step(model, opt, x, y) -> float:
     return time.perf_counter() - t
 
 
-def window(run, j: int, x, y) -> tuple[float, float]:
-    """(median ordinary step, update step) in seconds, over the window ending at step 100·j."""
-    model, opt, engine = run
-    engine.step_count = UPDATE_EVERY * j - ORDINARY - 1
-    updates = len(engine.history)
-    ordinary = [train_step(model, opt, x, y) for _ in range(ORDINARY)]
-    update = train_step(model, opt, x, y)
-    assert len(engine.history) == updates + 1, "the window must end with exactly one mask update"
-    return statistics.median(ordinary), update
+def windows(runs: dict, j: int, x, y, flip: bool) -> dict[str, tuple[float, float]]:
+    """Per run, (median ordinary step, update step) in seconds over the window ending at step
+    100·j; the runs take their steps in turn (the order swapped every step), so that a slow
+    moment of the machine falls on both alike."""
+    for _, _, engine in runs.values():
+        engine.step_count = UPDATE_EVERY * j - ORDINARY - 1
+    updates = {k: len(engine.history) for k, (_, _, engine) in runs.items()}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    order = list(runs)[::-1] if flip else list(runs)
+    for i in range(ORDINARY + 1):
+        for k in (order if i % 2 == 0 else order[::-1]):
+            model, opt, _ = runs[k]
+            times[k].append(train_step(model, opt, x, y))
+    for k, (_, _, engine) in runs.items():
+        assert len(engine.history) == updates[k] + 1, "the window must end with exactly one mask update"
+    return {k: (statistics.median(t[:ORDINARY]), t[ORDINARY]) for k, t in times.items()}
 
 
 def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
@@ -87,14 +94,11 @@ def measure(sparsity: float, execution: str, repeats: int, batch: int) -> dict:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, SIZES[0], generator=g), torch.randint(0, SIZES[-1], (batch,), generator=g)
     runs = {"masked": build(sparsity, "masked", batch), execution: build(sparsity, execution, batch)}
-    for run in runs.values():
-        window(run, 1, x, y)   # warm-up: allocator, momentum buffers, kernels, one update
+    windows(runs, 1, x, y, False)   # warm-up: allocator, momentum buffers, kernels, one update
     per: dict[str, list[float]] = {k: [] for k in runs}
     parts: dict[str, dict[str, list[float]]] = {k: {"step": [], "update": []} for k in runs}
-    order = list(runs)
     for r in range(repeats):
-        for k in (order if r % 2 == 0 else order[::-1]):
-            step, update = window(runs[k], r + 2, x, y)
+        for k, (step, update) in windows(runs, r + 2, x, y, r % 2 == 1).items():
             per[k].append((UPDATE_EVERY - 1) * step + update)
             parts[k]["step"].append(step)
             parts[k]["update"].append(update)

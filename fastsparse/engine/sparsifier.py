@@ -163,8 +163,10 @@ class Sparsifier:
             if g.recipe is not None:
                 g.recipe.attached()
         if hook:
-            self._hook_handles = [optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.before_step()),
-                                  optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())]
+            self._hook_handles = [optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())]
+            if self._recipes:   # only recipes act before a step (their learning rate): the hot path stays one hook
+                self._hook_handles.append(
+                    optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.before_step()))
             engine_hooks(optimizer, True)
             _HOOKED[optimizer] = self
 
