@@ -140,7 +140,7 @@ def check_hostable(algorithm: SparsityAlgorithm | type[SparsityAlgorithm]) -> No
                                 f"every level, Sup-tickets cycles it), and a Trainer's lr_scheduler owns the learning "
                                 f"rate: {instead}")
     needs = getattr(algorithm, "needs", frozenset())
-    if isinstance(needs, (set, frozenset)) and needs & {"batch", "gradients"}:
+    if isinstance(needs, (set, frozenset)) and needs & {"batch", "gradients", "shape"}:
         raise EntryPointRefused(f"{name} scores weights on a batch before training, and SparseTrainerCallback does not "
                                 f"feed it the Trainer's batches (dicts of a model's own inputs): {instead} with data=")
 
