@@ -344,7 +344,7 @@ def _sparse_param(model: nn.Module, name: str) -> SparseParam:
 
 def _with_filter(algorithm: SparsityAlgorithm, keep: Callable) -> SparsityAlgorithm:
     """A copy of ``algorithm`` selecting with ``keep`` (the caller's object is left as it was)."""
-    out = copy.copy(algorithm)
+    out = copy.deepcopy(algorithm)
     out.param_filter = keep
     return out
 
