@@ -103,6 +103,13 @@ def test_algorithm_object_gets_the_default_filter_and_runs_as_built(tmp_path):
                              if n in expected(model, GPT2_COUNTS)}      # no head balancing for an object
 
 
+def test_balance_heads_false_keeps_plain_layer_counts(tmp_path):
+    model = llama()
+    fit(model, SparseTrainerCallback(RIGL, balance_heads=False), tmp_path, steps=2)
+    assert counts(model)["model.layers.0.self_attn.q_proj.weight"] == 102     # round(0.1 · 1024), not 4 · 26
+    assert counts(model) == {sp.name: n_keep(sp.mask.numel(), 0.9) for sp in sparse_params(model)}
+
+
 @pytest.mark.parametrize("sparsity", ["imp", {"algorithm": "suptickets"}, {"algorithm": "gem"}, "snip", "synflow",
                                       create("imp")], ids=str)
 def test_methods_a_trainer_cannot_run_whole_are_refused(sparsity):
@@ -123,14 +130,19 @@ def test_corrupt_or_foreign_state_is_refused_before_any_mask_is_attached(tmp_pat
     good = path.read_bytes()
     with pytest.raises(ValueError, match="another sparsity config"):
         fit(gpt2(), SparseTrainerCallback({**RIGL, "sparsity": 0.8}), tmp_path, resume=str(path.parent))
-    raw = bytearray(good)
-    at = raw.find(b"masks") + 4000                                       # a byte inside the saved mask tensors
-    raw[at] ^= 0xFF
-    path.write_bytes(bytes(raw))
+    state = torch.load(path, weights_only=True)
+    first = next(iter(state["masks"]))
+    state["masks"][first][0, 0] ^= True                                  # one mask bit flipped, checksums kept
+    torch.save(state, path)
     model = gpt2()
-    with pytest.raises(ValueError, match="corrupt|truncated"):
+    with pytest.raises(ValueError, match=f"is corrupt: tensor 'masks/{first}' is corrupt"):
         fit(model, SparseTrainerCallback(RIGL), tmp_path, resume=str(path.parent))
     assert sparse_params(model) == []                                    # nothing attached
+    raw = bytearray(good)
+    raw[len(raw) // 2:] = b""                                            # a truncated file
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="truncated or not a fastsparse state"):
+        fit(gpt2(), SparseTrainerCallback(RIGL), tmp_path, resume=str(path.parent))
     path.unlink()
     with pytest.raises(EntryPointRefused, match="missing"):
         fit(gpt2(), SparseTrainerCallback(RIGL), tmp_path, resume=str(path.parent))

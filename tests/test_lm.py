@@ -55,6 +55,13 @@ def test_example_runs_through_the_cli_sparse_and_dense(tmp_path):
     assert summary["test_perplexity"] == pytest.approx(math.exp(summary["test_loss"]))
     # 4 steps, an update every step before stop = 0.75 · 4: steps 1 and 2
     assert summary["mask_updates"] == 2 and summary["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    saved = torch.load(next(tmp_path.glob("*/model.pt")), weights_only=True)
+    masks = {k: v for k, v in saved.get("model", saved).items() if k.endswith("_mask")}
+    assert len(masks) == 12 and not any("embed" in k or "lm_head" in k for k in masks)
+    for layer in (0, 1):                                 # every head keeps the same count (4 heads of 16)
+        for proj, dim in (("q", 0), ("k", 0), ("v", 0), ("out", 1)):
+            per_head = masks[f"layers.{layer}.attn.{proj}.weight_mask"].movedim(dim, 0).reshape(4, -1).sum(1)
+            assert per_head.tolist() == [137] * 4          # round(0.1338 · 1024) under ERK at 90%
     lines = [json.loads(x) for x in next(tmp_path.glob("*/metrics.jsonl")).read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2] and all("test_perplexity" in m for m in lines)
     dense = CliRunner().invoke(app, ["train", str(EXAMPLE), "--out", str(tmp_path / "dense"), "--quiet", *QUICK,
