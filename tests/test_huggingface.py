@@ -40,10 +40,10 @@ def llama() -> LlamaForCausalLM:
 DATA = [{"input_ids": x, "labels": x} for x in torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(0))]
 
 
-def fit(model, callback, out, steps=STEPS, resume=None) -> Trainer:
+def fit(model, callback, out, steps=STEPS, resume=None, data=DATA) -> Trainer:
     args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], max_steps=steps, save_steps=SAVE,
                              per_device_train_batch_size=4, logging_steps=1000, disable_tqdm=True, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=DATA, callbacks=[callback])
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -143,6 +143,13 @@ def test_corrupt_or_foreign_state_is_refused_before_any_mask_is_attached(tmp_pat
     path.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="truncated or not a fastsparse state"):
         fit(gpt2(), SparseTrainerCallback(RIGL), tmp_path, resume=str(path.parent))
+    # same config and step, other data: checksums and identity hold, but the masks are not the weights'
+    fit(gpt2(), SparseTrainerCallback(RIGL), tmp_path / "other", steps=SAVE, data=DATA[::-1])
+    path.write_bytes((tmp_path / "other" / f"checkpoint-{SAVE}" / STATE_FILE).read_bytes())
+    model = gpt2()
+    with pytest.raises(ValueError, match="nonzero weights outside its saved mask"):
+        fit(model, SparseTrainerCallback(RIGL), tmp_path, resume=str(path.parent))
+    assert sparse_params(model) == []
     path.unlink()
     with pytest.raises(EntryPointRefused, match="missing"):
         fit(gpt2(), SparseTrainerCallback(RIGL), tmp_path, resume=str(path.parent))

@@ -277,12 +277,7 @@ class SparseTrainerCallback(TrainerCallback):
         algorithms, seed = self._plan(model)
         saved = self._read_saved(args, state, model) if state.global_step > 0 else None
         if saved is not None:   # every check passed: the saved masks go on before the engine adopts them
-            for name, mask in saved["masks"].items():
-                sp = _sparse_param(model, name)
-                if sp.name in {p.name for p in sparse_params(model)}:
-                    sp.mask.copy_(mask)
-                else:
-                    attach_mask(sp, mask.to(sp.param.device))
+            _put_masks(model, saved["masks"])
         total = state.max_steps if state.max_steps and state.max_steps > 0 else None
         self.sparsifier = Sparsifier(model, opt, algorithms, total_steps=total, seed=seed)
         if saved is not None:
@@ -295,7 +290,7 @@ class SparseTrainerCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not folder.is_dir():
             raise RuntimeError(f"SparseTrainerCallback: the Trainer's checkpoint folder {folder} is missing")
-        masks = {sp.name: sp.mask.detach().cpu().clone() for sp in self.sparsifier._sps}
+        masks = {sp.name: sp.mask.detach().cpu().clone() for g in self.sparsifier.groups for sp in g.params}
         record = seal({"format": _FORMAT, "identity": self._identity, "plan": self._rows,
                        "global_step": int(state.global_step), "masks": masks,
                        "sparsifier": self.sparsifier.state_dict()})
@@ -335,6 +330,17 @@ class SparseTrainerCallback(TrainerCallback):
                 raise ValueError(f"{path}: the loaded {name} has {outside:,} nonzero weights outside its saved mask; "
                                  "the model's weights are not the ones saved with these masks")
         return saved
+
+
+def _put_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Attach (or overwrite) the mask of every named weight; the weights are already zero outside them."""
+    held = {sp.name: sp for sp in sparse_params(model)}
+    for name, mask in masks.items():
+        sp = held.get(name) or _sparse_param(model, name)
+        if name in held:
+            sp.mask.copy_(mask)
+        else:
+            attach_mask(sp, mask.to(sp.param.device))
 
 
 def _sparse_param(model: nn.Module, name: str) -> SparseParam:
