@@ -73,9 +73,9 @@ def from_config(model, optimizer, config, **kwargs):
 
 __all__ += ["from_config", "create_model", "list_models", "forward_flops", "training_flops"]
 
-# The fastai and Lightning callbacks are stand-ins that import their framework on first use,
+# The fastai, Lightning and Trainer callbacks are stand-ins that import their framework on first use,
 # so `import fastsparse` and `from fastsparse import *` work without either installed.
-__all__ += ["DynamicSparseTrainingCallback", "SparsifyCallback", "SparseLightningCallback"]
+__all__ += ["DynamicSparseTrainingCallback", "SparsifyCallback", "SparseLightningCallback", "SparseTrainerCallback"]
 
 
 def __getattr__(name: str):

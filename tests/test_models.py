@@ -12,7 +12,7 @@ from fastsparse.experiments.models import MLP, MODELS, ResNet, SmallCNN, Transfo
 INPUTS = {"mlp": (1, 8, 8), "lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "cnn": (1, 8, 8),
           "resnet20": (3, 32, 32), "resnet32": (3, 32, 32), "resnet56": (3, 32, 32), "wrn22_2": (3, 32, 32),
           "wrn28_2": (3, 32, 32), "transformer": (1, 8, 8), "resnet50": (3, 32, 32),
-          "resnet18": (3, 32, 32)}
+          "resnet18": (3, 32, 32), "gpt": (8,)}
 KWARGS = {"mlp": {"sizes": [64, 32, 10]}}
 
 
@@ -24,9 +24,9 @@ def test_every_registered_model_has_an_input_here():
 def test_model_fits_its_data_trains_and_has_sparsifiable_weights(name):
     torch.manual_seed(0)
     model = create_model(name, INPUTS[name], 10, **KWARGS.get(name, {}))
-    x = torch.randn(2, *INPUTS[name])
+    x = torch.randint(0, 10, (2, *INPUTS[name])) if name == "gpt" else torch.randn(2, *INPUTS[name])
     out = model(x)
-    assert out.shape == (2, 10)
+    assert out.shape == ((2, 10, 8) if name == "gpt" else (2, 10))   # a language model: (batch, vocab, tokens)
     out.sum().backward()
     chosen = sparse.select_params(model)
     assert chosen and all(sp.param.dim() >= 2 for sp in chosen)

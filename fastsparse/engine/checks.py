@@ -85,7 +85,9 @@ def check_targets(alg: SparsityAlgorithm, params: list[SparseParam], sparsities:
         asks = sum(n_keep(_numel(sp), s) for sp, s in zip(params, sparsities) if sp.name in existing)
         has = sum(_active(sp) for sp in held)
         numel = sum(_numel(sp) for sp in held)
-        if abs(asks - has) > len(held):   # beyond each layer's rounding
+        # beyond each layer's rounding: one weight per layer, or per group where a method balances groups
+        groups = getattr(alg, "balance_out_groups", None) or getattr(alg, "balance_in_groups", None) or 1
+        if abs(asks - has) > len(held) * groups:
             raise ValueError(f"the model already carries masks: {[sp.name for sp in held]} keep {has:,} of "
                              f"{numel:,} weights (sparsity {1 - has / numel:.4f}), but {alg!r} asks for {asks:,} "
                              f"({1 - asks / numel:.4f}). Give the algorithm the model's sparsity, detach the masks "

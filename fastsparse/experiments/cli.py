@@ -88,6 +88,8 @@ def train(
                 ("train_seconds", f"{summary['train_seconds']:.1f}"),
                 ("dense_equivalent_flops", f"{summary['dense_equivalent_flops']:.4g}"),
                 ("sparse_flops", f"{summary['sparse_flops']:.4g} ({summary['flops_fraction']:.3f} × dense)"))
+        if "test_perplexity" in summary:   # a language model
+            rows = (("test_perplexity", f"{summary['test_perplexity']:.3f}"),) + rows
         for key, value in rows:
             table.add_row(key, value)
         out_console.print(table)

@@ -8,6 +8,7 @@
 | ``cifar100`` | CIFAR-100 from the python pickles ``train`` and ``test`` (fine labels) | ``root`` |
 | ``imagefolder`` | ``root/train/<class>/*`` and ``root/val/<class>/*`` images (ImageNet's layout), read with PIL | ``root`` |
 | ``synthetic`` | a sparse teacher–student task: labels from a random sparse MLP | none |
+| ``pydoc_topics`` | Python's own ``pydoc_data.topics`` text as bytes, for language models (:mod:`.text`) | none |
 
 Each loader returns a :class:`Dataset`: train and test inputs (float32, or uint8 images
 normalised batch by batch by :meth:`Dataset.inputs`), int64 labels, the input shape and
@@ -28,6 +29,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from .text import VOCAB, pydoc_splits
 
 __all__ = [
     "Dataset", "load_digits_split", "load_dataset", "check_dataset", "dataset_info", "DATASETS",
@@ -373,6 +376,12 @@ def _synthetic(features: int = 32, classes: int = 4, hidden: int = 64, teacher_d
     return Dataset("synthetic", x[:n_train], y[:n_train], x[n_train:], y[n_train:], classes)
 
 
+def _pydoc_topics(context: int = 64, stride: int | None = None, test_fraction: float = 0.1,
+                  train_size: int | None = None, test_size: int | None = None) -> Dataset:
+    """Python's ``pydoc_data.topics`` as byte windows for a language model (:mod:`.text`)."""
+    return Dataset("pydoc_topics", *pydoc_splits(context, stride, test_fraction, train_size, test_size), VOCAB)
+
+
 def _check_shape(shape: Any) -> tuple[int, ...]:
     if (not isinstance(shape, (list, tuple)) or not shape
             or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape)):
@@ -382,7 +391,7 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": _digits, "mnist": _mnist, "cifar10": _cifar10, "cifar100": _cifar100, "imagefolder": _imagefolder,
-    "synthetic": _synthetic,
+    "synthetic": _synthetic, "pydoc_topics": _pydoc_topics,
 }
 _SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10),
            "cifar100": ((3, 32, 32), 100)}
@@ -415,6 +424,8 @@ def dataset_info(name: str, assume: bool = False, **kwargs) -> tuple[tuple[int, 
         if kwargs.get("shape") is not None:
             return _check_shape(kwargs["shape"]), int(kwargs.get("classes", 4))
         return (int(kwargs.get("features", 32)),), int(kwargs.get("classes", 4))
+    if name == "pydoc_topics":
+        return (int(kwargs.get("context", 64)),), VOCAB
     if name == "digits" and kwargs.get("flat"):
         return (64,), 10
     if name == "imagefolder":

@@ -121,6 +121,9 @@ def _n_train(name: str, kwargs: dict[str, Any]) -> int:
         return 1797 - math.ceil(1797 * kwargs.get("test_fraction", 0.25))
     if name == "synthetic":
         return int(kwargs.get("n_train", 2000))
+    if name == "pydoc_topics":   # a few milliseconds to cut the corpus
+        from .text import pydoc_splits
+        return len(pydoc_splits(**kwargs)[0])
     full = {"mnist": 60000, "cifar10": 50000, "cifar100": 50000, "imagefolder": 1281167}.get(name, 50000)
     if name == "imagefolder":
         from .data import IMAGE_EXTENSIONS, _imagefolder_split
@@ -337,6 +340,6 @@ def _check_fits(model: nn.Module, input_shape: Sequence[int], num_classes: int, 
                                             f"{tuple(input_shape)}: {first}")]) from None
     finally:
         model.train()
-    if tuple(out.shape) != (2, num_classes):
+    if tuple(out.shape[:2]) != (2, num_classes):   # (2, classes), or (2, vocab, T) for a language model
         raise ConfigError([Problem("model", f"gives outputs of shape {tuple(out.shape[1:])} per example, but data "
                                             f"{data_name!r} has {num_classes} classes")])

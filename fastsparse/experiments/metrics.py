@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from .data import Dataset
 from .experiment import ranks
 from .rundir import atomic_write, method_label
 
-__all__ = ["evaluate", "masks_of", "Progress", "METRIC_COLUMNS", "write_metrics", "append_metrics", "summary",
+__all__ = ["evaluate", "perplexity", "masks_of", "Progress", "METRIC_COLUMNS", "write_metrics", "append_metrics", "summary",
            "target_sparsity"]
 
 log = logging.getLogger("fastsparse.train")
@@ -27,7 +28,8 @@ log = logging.getLogger("fastsparse.train")
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) on the test set."""
+    """(mean cross-entropy, accuracy) on the test set, per target: per example for a classifier,
+    per token for a language model (targets (N, T), outputs (N, vocab, T))."""
     model.eval()
     loss, correct = 0.0, 0
     p = next(model.parameters(), None)
@@ -38,8 +40,13 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> tuple[f
         loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
     model.train()
-    n = len(data.x_test)
+    n = data.y_test.numel()
     return loss / n, correct / n
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean cross-entropy per token), the language-model figure (inf past float range)."""
+    return math.exp(loss) if loss < 700 else float("inf")
 
 
 def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -94,7 +101,8 @@ class Progress:
 
 # the columns of metrics.csv: the union of the records' keys (a search epoch has no train loss)
 METRIC_COLUMNS = ("epoch", "phase", "step", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-                  "sparsity", "updates", "changed_fraction", "itop_rate", "forward_flops", "flagged", "seconds")
+                  "sparsity", "updates", "changed_fraction", "itop_rate", "forward_flops", "flagged", "seconds",
+                  "test_perplexity")
 
 
 def _csv_writer(f) -> csv.DictWriter:
@@ -152,6 +160,7 @@ def summary(exp: Any, sp: Any, metrics: list[dict[str, Any]], acc: dict[str, Any
         "method": method_label(exp.resolved),
         "target_sparsity": target_sparsity(sp) if sp is not None else 0.0,
         "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
+        **({"test_perplexity": last["test_perplexity"]} if "test_perplexity" in last else {}),
         "train_accuracy": last["train_accuracy"], "train_loss": last["train_loss"],
         "sparsity": sp.sparsity() if sp is not None else 0.0,
         "density_per_layer": density,

@@ -15,6 +15,7 @@ names a builder and gives those keywords (``{name: mlp, sizes: [64, 300, 100, 10
 | ``resnet50`` | :class:`ResNet50`, bottleneck ResNet-50 with a CIFAR (3x3) or ImageNet (7x7 + pool) stem |
 | ``wrn22_2`` / ``wrn28_2`` | Wide ResNets (Zagoruyko & Komodakis 2016), pre-activation |
 | ``transformer`` | :class:`TransformerEncoder`: patches as tokens, separate q/k/v projections |
+| ``gpt`` | :class:`GPT`, a small decoder-only language model (token windows, e.g. ``pydoc_topics``) |
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from ..core.nets import MLP
 
 __all__ = [
-    "MLP", "SmallCNN", "LeNet5", "ResNet", "ResNet18", "ResNet50", "WideResNet", "TransformerEncoder", "Attention",
+    "MLP", "SmallCNN", "LeNet5", "ResNet", "ResNet18", "ResNet50", "WideResNet", "TransformerEncoder", "Attention", "GPT",
     "MODELS", "create_model", "list_models",
 ]
 
@@ -162,17 +163,18 @@ class Attention(nn.Module):
     what ``balance_out_groups`` / ``balance_in_groups`` balance.
     """
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, causal: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"the model width {dim} must be a multiple of the number of heads {heads}")
-        self.heads = heads
+        self.heads, self.causal = heads, causal   # causal: a token attends to itself and earlier ones only
         self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        y = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        y = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
+                                                       is_causal=self.causal)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
     def matmul_flops(self, tokens: int, dim: int) -> int:
@@ -181,10 +183,10 @@ class Attention(nn.Module):
 
 
 class _EncoderLayer(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, causal: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, causal)
         self.norm2 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, mlp_ratio * dim)
         self.fc2 = nn.Linear(mlp_ratio * dim, dim)
@@ -296,10 +298,42 @@ def _transformer(input_shape, num_classes, dim: int = 64, depth: int = 2, heads:
     return TransformerEncoder(input_shape, num_classes, dim, depth, heads, patch, mlp_ratio)
 
 
+class GPT(nn.Module):
+    """A small decoder-only transformer (GPT-2's layout: learned positions, pre-norm blocks of causal
+    attention and a GELU MLP, a final norm, ``lm_head``) over ``vocab`` tokens and ``context`` positions.
+
+    Input: (B, T) token ids, T ≤ context; output: logits (B, vocab, T), the vocabulary second, as
+    ``cross_entropy(logits, next_tokens)`` reads a sequence of targets. The token and position
+    embeddings, norms and ``lm_head`` stay dense under the default filter; q/k/v/out and the MLPs are
+    sparsified, q/k/v rows and out columns in ``heads`` groups (what ``balance_*_groups`` balance).
+    """
+
+    def __init__(self, context: int, vocab: int, dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, context, dim))
+        nn.init.normal_(self.pos_embed, std=0.02)
+        self.layers = nn.ModuleList(_EncoderLayer(dim, heads, mlp_ratio, causal=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.embed(x.long()) + self.pos_embed[:, :x.shape[1]]
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.norm(x)).transpose(1, 2)
+
+
+def _gpt(input_shape, num_classes, dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 4) -> nn.Module:
+    if len(input_shape) != 1:
+        raise ValueError(f"gpt reads token windows of shape (context,), not {tuple(input_shape)}")
+    return GPT(input_shape[0], num_classes, dim, depth, heads, mlp_ratio)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": _mlp, "lenet300": _lenet300, "lenet5": _lenet5, "cnn": _cnn,
     "resnet20": _resnet(20), "resnet32": _resnet(32), "resnet56": _resnet(56),
-    "wrn22_2": _wrn(22, 2), "wrn28_2": _wrn(28, 2), "transformer": _transformer,
+    "wrn22_2": _wrn(22, 2), "wrn28_2": _wrn(28, 2), "transformer": _transformer, "gpt": _gpt,
 }
 
 

@@ -31,7 +31,7 @@ from ..core.sparse_linear import dense_state_dict
 from ..recipes.base import PhaseParts, RunContext
 from .config import ExperimentConfig, config_hash
 from .experiment import Experiment, make_optimizer, prepare, ranks, train_batches
-from .metrics import Progress, append_metrics, evaluate, summary, write_metrics
+from .metrics import Progress, append_metrics, evaluate, perplexity, summary, write_metrics
 from .checkpoint import ResumeError, check_fit, check_identity, check_masks, leftover_files, read_checkpoint, \
     save_checkpoint
 from .lock import RunLocked, hold_run_folder
@@ -297,7 +297,7 @@ def _epoch(exp: Experiment, current: _Phase, epoch: int, order: torch.Generator,
         current.scheduler.step()
         if parts.after_step is not None:
             parts.after_step()
-        loss_sum += float(loss.detach()) * len(idx)
+        loss_sum += float(loss.detach()) * y.numel()
         correct += int((out.argmax(1) == y).sum())
         if sparsifier is not None and len(sparsifier.history) > n_updates:
             changed.append(sparsifier.history[-1]["changed_fraction"])
@@ -308,17 +308,20 @@ def _epoch(exp: Experiment, current: _Phase, epoch: int, order: torch.Generator,
     done = epoch + 1 - current.first_epoch
     extra = parts.after_epoch(done) if parts.after_epoch is not None else {}
     test_loss, test_acc = evaluate(net_module, data)
+    targets = n * data.y_train[0].numel()   # examples, or the tokens of a language model
     f_end = forward_flops(exp.model, exp.cost)
     acc["sparse_forward"] += 0.5 * (f_start + f_end) * n
     acc["train_seconds"] += time.perf_counter() - t0
     lr = sparsifier.lr_used if sparsifier is not None and sparsifier.lr_used is not None else opt.param_groups[0]["lr"]
     return {
         "epoch": epoch + 1, "phase": current.phase.name, "step": done * exp.steps_per_epoch, "lr": lr,
-        "train_loss": loss_sum / n, "train_accuracy": correct / n, "test_loss": test_loss, "test_accuracy": test_acc,
+        "train_loss": loss_sum / targets, "train_accuracy": correct / targets, "test_loss": test_loss,
+        "test_accuracy": test_acc,
         "sparsity": sparsifier.sparsity() if sparsifier is not None else 0.0,
         "updates": len(changed), "changed_fraction": sum(changed) / len(changed) if changed else 0.0,
         "itop_rate": sparsifier.exploration_rate() if sparsifier is not None else 1.0,
         "forward_flops": f_end, "seconds": acc["train_seconds"], **(extra or {}),
+        **({"test_perplexity": perplexity(test_loss)} if data.y_test.dim() > 1 else {}),
     }
 
 

@@ -3,12 +3,13 @@
 * :mod:`fastsparse.integrations.fastai` (extra ``fastai``): ``DynamicSparseTrainingCallback``,
   ``SparsifyCallback``, ``SparseTrainingCallback``.
 * :mod:`fastsparse.integrations.lightning` (extra ``lightning``): ``SparseLightningCallback``.
+* :mod:`fastsparse.integrations.huggingface` (extra ``huggingface``): ``SparseTrainerCallback``.
 
 Importing this package imports neither framework. The top-level names
 (``fastsparse.DynamicSparseTrainingCallback`` and the others) are :class:`LazyClass`
 stand-ins: the framework is imported the first time one is called, subclassed or has an
 attribute read, so ``import fastsparse`` and ``from fastsparse import *`` work (and stay
-fast) without fastai or Lightning installed.
+fast) without fastai, Lightning or transformers installed.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ LAZY_NAMES: dict[str, tuple[str, str]] = {
     "DynamicSparseTrainingCallback": ("fastsparse.integrations.fastai", "fastai"),
     "SparsifyCallback": ("fastsparse.integrations.fastai", "fastai"),
     "SparseLightningCallback": ("fastsparse.integrations.lightning", "lightning"),
+    "SparseTrainerCallback": ("fastsparse.integrations.huggingface", "huggingface"),
 }
 
 
