@@ -15,7 +15,7 @@ from ..core.flops import forward_flops, training_flops, training_rule
 from ..core.masks import select_params
 from ..core.sparse_linear import weight_masks
 from .config import config_hash
-from .data import Dataset
+from .data import Data
 from .experiment import ranks
 from .rundir import atomic_write, method_label
 
@@ -26,19 +26,18 @@ log = logging.getLogger("fastsparse.train")
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> tuple[float, float]:
+def evaluate(model: nn.Module, data: Data, batch_size: int = 1000) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) on the test set."""
     model.eval()
     loss, correct = 0.0, 0
     p = next(model.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
-    for i in range(0, len(data.x_test), batch_size):
-        x, y = data.inputs(data.x_test[i:i + batch_size]).to(device), data.y_test[i:i + batch_size].to(device)
+    for x, y in data.test_batches(batch_size, device):
         out = model(x)
         loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
     model.train()
-    n = len(data.x_test)
+    n = data.n_test
     return loss / n, correct / n
 
 
