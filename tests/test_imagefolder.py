@@ -29,14 +29,18 @@ COLOURS = ((200, 30, 30), (30, 200, 30), (30, 30, 200))
 
 
 def write_folder(root: Path, per_class: int, per_class_val: int, size: int = 32) -> None:
-    """root/{train,val}/c<k>/: 32x32 images, class k a shade of red, green or blue; every third a JPEG."""
+    """root/{train,val}/c<k>/: 32x32 images, class k red, green or blue under seeded noise (so that
+    every crop and flip shows in the pixels); every third a JPEG."""
+    g = torch.Generator().manual_seed(0)
     for split, n in (("train", per_class), ("val", per_class_val)):
         for c, colour in enumerate(COLOURS):
             folder = root / split / f"c{c}"
             folder.mkdir(parents=True, exist_ok=True)
+            noise = torch.randint(-50, 51, (n, size, size, 3), generator=g, dtype=torch.int16)
+            pixels = (noise + torch.tensor(colour, dtype=torch.int16)).clamp(0, 255).to(torch.uint8)
             for i in range(n):
-                shade = tuple(max(0, min(255, v + (i * 7919 + c * 31) % 61 - 30)) for v in colour)
-                Image.new("RGB", (size, size), shade).save(folder / f"{i}.{'jpg' if i % 3 == 0 else 'png'}")
+                Image.frombytes("RGB", (size, size), bytes(pixels[i].flatten().tolist())).save(
+                    folder / f"{i}.{'jpg' if i % 3 == 0 else 'png'}")
 
 
 def random_image(w: int, h: int, seed: int = 0):
@@ -234,3 +238,27 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
     # streaming four times the images costs no more than the 3000 more names, labels and positions in
     # the shuffled order (~0.1 MB measured); a reader holding them would need 37 MB more
     assert large - small < 2**20, (large, small)
+
+
+# --- two ranks --------------------------------------------------------------------------------------
+@pytest.mark.distributed
+def test_two_ranks_read_their_shares_with_the_same_crops_as_one_process(tmp_path):
+    from fastsparse.experiments.runner import run
+
+    write_folder(tmp_path / "images", 64, 4)      # 192 images: 3 global batches of 2 x 32
+    cfg = {**config(tmp_path / "images", workers=1, epochs=1, algorithm="static"), "device": "cpu"}
+    cfg["data"]["batch_size"] = 32
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29541", "-m", "fastsparse", "train", str(path), "--out", str(tmp_path / "two"), "--quiet"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = run({**cfg, "data": {**cfg["data"], "batch_size": 64}}, tmp_path / "one", progress=False)
+    (two_dir,) = (tmp_path / "two").iterdir()
+    a = torch.load(two_dir / "model.pt", weights_only=True)
+    b = torch.load(Path(one["run_dir"]) / "model.pt", weights_only=True)
+    # each rank's half of a global batch, cropped as the one process crops it: the same step, up to rounding
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    assert json.loads((two_dir / "summary.json").read_text())["steps"] == one["steps"] == 3

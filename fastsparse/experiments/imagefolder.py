@@ -194,8 +194,16 @@ class ImageFolderData:
         loader = torch.utils.data.DataLoader(_Images(files, self.image_size), batch_sampler=keys,
                                              num_workers=self.workers, collate_fn=_collate,
                                              generator=torch.Generator().manual_seed(0))   # leaves torch's RNG alone
-        for x, y in loader:
-            yield normalise(x.to(device), self.mean, self.std), y.to(device)
+        batches = iter(loader)
+        try:
+            for x, y in batches:
+                yield normalise(x.to(device), self.mean, self.std), y.to(device)
+            return
+        except UnreadableImage as e:
+            message = str(e)
+            e.__traceback__ = None   # it holds the loader in a reference cycle: cut it,
+        del batches                  # so that the workers stop now, not when a collection finds the cycle
+        raise UnreadableImage(message)
 
     def train_epoch(self, batches: Sequence[Tensor], device: torch.device, seed: int = 0, epoch: int = 0
                     ) -> Iterator[tuple[Tensor, Tensor]]:
