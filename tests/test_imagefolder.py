@@ -262,3 +262,10 @@ def test_two_ranks_read_their_shares_with_the_same_crops_as_one_process(tmp_path
     # each rank's half of a global batch, cropped as the one process crops it: the same step, up to rounding
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
     assert json.loads((two_dir / "summary.json").read_text())["steps"] == one["steps"] == 3
+
+
+def test_an_empty_share_of_a_batch_has_the_image_shape(tmp_path):
+    write_folder(tmp_path, 2, 1)
+    data = load_dataset("imagefolder", root=str(tmp_path), image_size=16, workers=0)
+    (x, y), = data.train_epoch([torch.tensor([], dtype=torch.int64)], CPU)
+    assert x.shape == (0, 3, 16, 16) and x.dtype == torch.float32 and y.shape == (0,)

@@ -16,6 +16,7 @@ An image that cannot be decoded stops the run with one line naming the file
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -139,7 +140,8 @@ class _Images(torch.utils.data.Dataset):
             with Image.open(path) as img:
                 img = img.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise UnreadableImage(f"{_MARK}{path} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+            why = (str(e).splitlines() or [""])[0][:120]
+            raise UnreadableImage(f"{_MARK}{path} ({type(e).__name__}: {why}); "
                                   "replace it with a readable image (removing it changes the file list and so the "
                                   "batches), then continue the run with --resume") from None
         if seed is None:
@@ -147,9 +149,9 @@ class _Images(torch.utils.data.Dataset):
         return train_transform(img, self.size, torch.Generator().manual_seed(seed)), int(self.files.labels[i])
 
 
-def _collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
-    if not items:
-        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+def _collate(items: list[tuple[Tensor, int]], size: int) -> tuple[Tensor, Tensor]:
+    if not items:   # a rank's empty share of a last global batch smaller than the world
+        return torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64)
 
 
@@ -192,7 +194,8 @@ class ImageFolderData:
 
     def _batches(self, files: FileList, keys: _Keys, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
         loader = torch.utils.data.DataLoader(_Images(files, self.image_size), batch_sampler=keys,
-                                             num_workers=self.workers, collate_fn=_collate,
+                                             num_workers=self.workers,
+                                             collate_fn=functools.partial(_collate, size=self.image_size),
                                              generator=torch.Generator().manual_seed(0))   # leaves torch's RNG alone
         batches = iter(loader)
         try:
