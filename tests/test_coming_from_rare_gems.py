@@ -156,6 +156,9 @@ def test_workers_name_and_gpu():
     cfg, notes = convert_with_notes("rare-gems", sample(workers=8, name="run1", gpu=2))
     assert cfg["device"] == "cuda:2"
     assert any(n.startswith("workers: 8") for n in notes) and any(n.startswith("name: 'run1'") for n in notes)
+    # image folders stream from disk: their workers are our data.workers, not a note
+    cfg, notes = convert_with_notes("rare-gems", sample(workers=8, dataset="ImageNet"))
+    assert cfg["data"]["workers"] == 8 and not any(n.startswith("workers") for n in notes)
 
 
 def test_checkpoint_at_prune_and_skip_sanity_checks(tmp_path):

@@ -261,15 +261,18 @@ def test_imagenet_cyclic_epochs_and_pretrain_epoch_give_the_cycle_rate():
 
 def test_run_environment_options_become_notes_never_silence():
     # -j --workers -p --print-freq --master_port --indicate_method --nproc_per_node $2 --save --log-interval
-    _, notes = convert_with_notes("suptickets", "python multiproc.py --nproc_per_node 4 main.py -j20 -p 500 "
-                                                "--master_port 7768 --indicate_method x $2 data/in")
+    cfg, notes = convert_with_notes("suptickets", "python multiproc.py --nproc_per_node 4 main.py -j20 -p 500 "
+                                                  "--master_port 7768 --indicate_method x $2 data/in")
     text = "\n".join(notes)
-    for option in ("--workers 20", "--print-freq 500", "--master_port 7768", "--indicate_method x",
+    for option in ("--print-freq 500", "--master_port 7768", "--indicate_method x",
                    "torchrun --nproc_per_node 4", "$2"):
         assert option in text
+    # ImageNet images stream from disk: their -j is our data.workers, not a note
+    assert cfg["data"]["workers"] == 20 and "--workers" not in text
     _, notes = convert_with_notes("suptickets", "python3 main_suptickets.py --model ResNet50 --data cifar100 "
-                                                "--log-interval 10 --save m.pt")
+                                                "--log-interval 10 --save m.pt -j 4")
     assert any("--log-interval 10" in n for n in notes) and any("--save m.pt" in n for n in notes)
+    assert any(n.startswith("--workers 4: data-loading workers: fastsparse holds CIFAR in memory") for n in notes)
 
 
 def test_unknown_options_and_bad_values_name_what_is_allowed():

@@ -219,15 +219,17 @@ def write_image_folder(root, sizes=((40, 30), (20, 50)), classes=("n01", "n02"))
                 Image.new("RGB", size, (10 * c + i, 100, 200)).save(folder / f"{i}.png")
 
 
-def test_imagefolder_reads_class_folders_resized_and_centre_cropped(tmp_path):
+def test_imagefolder_lists_class_folders_and_reads_them_centre_cropped(tmp_path):
     write_image_folder(tmp_path)
-    ds = load_dataset("imagefolder", root=str(tmp_path), image_size=16)
-    assert ds.input_shape == (3, 16, 16) and ds.num_classes == 2 and ds.x_train.dtype == torch.uint8
-    assert len(ds.x_train) == 4 and len(ds.x_test) == 4
+    ds = load_dataset("imagefolder", root=str(tmp_path), image_size=16, workers=0)
+    assert ds.input_shape == (3, 16, 16) and ds.num_classes == 2 and ds.n_train == 4 and ds.n_test == 4
     # sorted classes -> labels; the colour of each file survives the resize and crop
-    assert ds.y_train.tolist() == [0, 0, 1, 1]
-    assert ds.x_train[:, 0, 8, 8].tolist() == [0, 1, 10, 11] and ds.x_train[3, 2].unique().tolist() == [200]
-    x = ds.inputs(ds.x_train)
+    assert ds.train.labels.tolist() == [0, 0, 1, 1]
+    (x, y), = ds.test_batches(1000, torch.device("cpu"))
+    assert y.tolist() == [0, 0, 1, 1] and x.shape == (4, 3, 16, 16) and x.dtype == torch.float32
+    pixels = (x * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+              + torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) * 255
+    assert pixels.round()[:, 0, 8, 8].tolist() == [0, 1, 10, 11] and pixels.round()[3, 2].unique().tolist() == [200]
     assert x[0, 2, 0, 0].item() == pytest.approx((200 / 255 - 0.406) / 0.225, abs=1e-5)
     assert dataset_info("imagefolder", root=str(tmp_path), image_size=16) == ((3, 16, 16), 2)
 
@@ -241,6 +243,8 @@ def test_imagefolder_errors_say_what_layout_is_expected(tmp_path):
         load_dataset("imagefolder", root=str(tmp_path), image_size=8)
     with pytest.raises(ValueError, match="image_size must be a positive integer"):
         load_dataset("imagefolder", root=str(tmp_path), image_size=0)
+    with pytest.raises(ValueError, match=r"workers must be a whole number .* 0 or more .* got -1"):
+        check_dataset("imagefolder", root=str(tmp_path), workers=-1)
 
 
 @pytest.mark.parametrize("payload, words", [

@@ -40,13 +40,14 @@ def message_of(e: BaseException) -> tuple[str, int]:
     from .checkpoint import ResumeError
     from .config import ConfigError
     from .convert import ConversionError
+    from .imagefolder import UnreadableImage
     from .rundir import RunFolderBlocked, RunFolderError
 
     if isinstance(e, ConfigError):
         if len(e.problems) == 1:
             return (f"{e.source}: {e.problems[0]}" if e.source else str(e.problems[0])), 2
         return str(e), 2
-    if isinstance(e, (ResumeError, RunFolderBlocked, SparseFileError, ConversionError)):
+    if isinstance(e, (ResumeError, RunFolderBlocked, SparseFileError, ConversionError, UnreadableImage)):
         return str(e), 2
     if isinstance(e, (RunFolderError, MaskDisagreement)):
         return str(e), 1

@@ -1,4 +1,5 @@
-"""Data sets the command line trains on, as tensors in memory with fixed, seeded splits.
+"""Data sets the command line trains on, with fixed, seeded splits: in memory, or (image folders)
+read from disk batch by batch.
 
 | name | what | files |
 |---|---|---|
@@ -6,13 +7,15 @@
 | ``mnist`` | MNIST from the four standard IDX files, gzipped or not | ``root`` |
 | ``cifar10`` | CIFAR-10 from the standard python pickle batches | ``root`` |
 | ``cifar100`` | CIFAR-100 from the python pickles ``train`` and ``test`` (fine labels) | ``root`` |
-| ``imagefolder`` | ``root/train/<class>/*`` and ``root/val/<class>/*`` images (ImageNet's layout), read with PIL | ``root`` |
+| ``imagefolder`` | ``root/train/<class>/*`` and ``root/val/<class>/*`` images (ImageNet's layout), decoded on the fly (:mod:`.imagefolder`) | ``root`` |
 | ``synthetic`` | a sparse teacher–student task: labels from a random sparse MLP | none |
 | ``pydoc_topics`` | Python's own ``pydoc_data.topics`` text as bytes, for language models (:mod:`.text`) | none |
 
-Each loader returns a :class:`Dataset`: train and test inputs (float32, or uint8 images
+Each in-memory loader returns a :class:`Dataset`: train and test inputs (float32, or uint8 images
 normalised batch by batch by :meth:`Dataset.inputs`), int64 labels, the input shape and
-the number of classes. scikit-learn is imported only by ``digits``.
+the number of classes; ``imagefolder`` returns an :class:`.imagefolder.ImageFolderData` with the
+same batch methods (``train_epoch``, ``test_batches``, ``train_in_order``), which is all a
+training loop uses. scikit-learn is imported only by ``digits``.
 """
 from __future__ import annotations
 
@@ -25,15 +28,16 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from .imagefolder import IMAGE_EXTENSIONS, ImageFolderData, check_imagefolder, imagefolder_split, load_imagefolder
 from .text import VOCAB, pydoc_splits
 
 __all__ = [
-    "Dataset", "load_digits_split", "load_dataset", "check_dataset", "dataset_info", "DATASETS",
+    "Dataset", "Data", "ImageFolderData", "load_digits_split", "load_dataset", "check_dataset", "dataset_info", "DATASETS",
     "read_idx", "MNIST_FILES", "CIFAR10_FILES", "CIFAR100_FILES", "IMAGE_EXTENSIONS",
 ]
 
@@ -64,6 +68,44 @@ class Dataset:
             shape = (1, -1) + (1,) * (x.dim() - 2)
             x = (x - torch.tensor(self.mean).view(shape)) / torch.tensor(self.std).view(shape)
         return x
+
+    @property
+    def n_train(self) -> int:
+        return len(self.x_train)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.x_test)
+
+    @property
+    def targets_per_example(self) -> int:
+        """1 for a classifier, the tokens of a window for a language model."""
+        return self.y_train[0].numel()
+
+    @property
+    def sequences(self) -> bool:
+        """Targets per token (a language model: perplexity is reported)."""
+        return self.y_train.dim() > 1
+
+    def train_epoch(self, batches: Sequence[Tensor], device: torch.device, seed: int = 0, epoch: int = 0
+                    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """The training examples at each index tensor of ``batches``, as inputs and labels on
+        ``device`` (``seed`` and ``epoch`` draw nothing here: these sets are not augmented)."""
+        for idx in batches:
+            yield self.inputs(self.x_train[idx]).to(device), self.y_train[idx].to(device)
+
+    def test_batches(self, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+        """The test set in order, ``batch_size`` examples a batch."""
+        for i in range(0, len(self.x_test), batch_size):
+            yield self.inputs(self.x_test[i:i + batch_size]).to(device), self.y_test[i:i + batch_size].to(device)
+
+    def train_in_order(self, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+        """The training set in order, ``batch_size`` examples a batch."""
+        for i in range(0, len(self.x_train), batch_size):
+            yield self.inputs(self.x_train[i:i + batch_size]).to(device), self.y_train[i:i + batch_size].to(device)
+
+
+Data = Union[Dataset, ImageFolderData]
 
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.25) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -264,82 +306,6 @@ def _cifar100(root: str = "data/cifar100", train_size: int | None = None, split_
     return _subsample(ds, train_size, split_seed)
 
 
-# --- image folders (ImageNet's layout) -----------------------------------------------------------
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
-
-
-def _image_classes(folder: Path) -> list[str]:
-    return sorted(d.name for d in folder.iterdir() if d.is_dir())
-
-
-def _imagefolder_split(root: str | os.PathLike, train_dir: str, test_dir: str) -> tuple[Path, Path, list[str]]:
-    root = Path(root).expanduser()
-    train, test = root / train_dir, root / test_dir
-    for folder in (train, test):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"imagefolder: {folder} does not exist; expected {root}/{train_dir}/<class>/<image> "
-                                    f"and {root}/{test_dir}/<class>/<image> (ImageNet's layout), or set data.root")
-    classes = _image_classes(train)
-    if not classes:
-        raise FileNotFoundError(f"imagefolder: {train} has no class folders")
-    unknown = sorted(set(_image_classes(test)) - set(classes))
-    if unknown:
-        raise ValueError(f"imagefolder: {test} has classes that {train} lacks: {unknown[:5]}")
-    return train, test, classes
-
-
-def _read_images(folder: Path, classes: list[str], image_size: int) -> tuple[Tensor, Tensor]:
-    """Every image under folder/<class>/ (sorted), resized so its shorter side is ``image_size``,
-    centre-cropped to image_size², RGB, as uint8 (N, 3, S, S), with the class indices."""
-    try:
-        from PIL import Image
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the imagefolder data set reads images with Pillow: pip install pillow") from e
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        if not (folder / name).is_dir():
-            continue
-        for path in sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                w, h = img.size
-                scale = image_size / min(w, h)
-                img = img.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))),
-                                 Image.BILINEAR)
-                left, top = (img.size[0] - image_size) // 2, (img.size[1] - image_size) // 2
-                img = img.crop((left, top, left + image_size, top + image_size))
-                data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-            images.append(data.view(image_size, image_size, 3).permute(2, 0, 1))
-            labels.append(label)
-    if not images:
-        raise FileNotFoundError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
-
-
-def _imagefolder(root: str = "data/imagenet", image_size: int = 224, train_dir: str = "train", test_dir: str = "val",
-                 train_size: int | None = None, split_seed: int = 0, num_classes: int | None = None) -> Dataset:
-    """Images in class folders (``root/train/<class>/*.JPEG``, ``root/val/<class>/*.JPEG``: the
-    layout of ImageNet and of torchvision's ImageFolder), normalised with ImageNet's mean and std.
-
-    Every image is decoded once, resized (shorter side ``image_size``) and centre-cropped to
-    image_size × image_size; there is no random-crop or flip augmentation. Everything is held in
-    memory as uint8: N · 3 · image_size² bytes, so ImageNet's 1.28M training images take about
-    193 GB at 224 and 15.7 GB at 64. For ImageNet itself use ``train_size`` (a seeded subset; all
-    images are still decoded) or a small ``image_size``, or a streaming loader of your own;
-    this reader is for folders that fit in memory. ``num_classes``, when given, is checked against
-    the folder (and lets a dry run without the folder check the model's output size).
-    """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
-    train, test, classes = _imagefolder_split(root, train_dir, test_dir)
-    if num_classes is not None and num_classes != len(classes):
-        raise ValueError(f"imagefolder: data.num_classes is {num_classes}, but {train} has {len(classes)} class folders")
-    x_tr, y_tr = _read_images(train, classes, image_size)
-    x_te, y_te = _read_images(test, classes, image_size)
-    ds = Dataset("imagefolder", x_tr, y_tr, x_te, y_te, len(classes), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    return _subsample(ds, train_size, split_seed)
-
-
 def _subsample(ds: Dataset, train_size: int | None, seed: int) -> Dataset:
     """Keep a seeded random subset of ``train_size`` training examples (all when None)."""
     if train_size is None or train_size >= len(ds.x_train):
@@ -389,15 +355,15 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-DATASETS: dict[str, Callable[..., Dataset]] = {
-    "digits": _digits, "mnist": _mnist, "cifar10": _cifar10, "cifar100": _cifar100, "imagefolder": _imagefolder,
+DATASETS: dict[str, Callable[..., Data]] = {
+    "digits": _digits, "mnist": _mnist, "cifar10": _cifar10, "cifar100": _cifar100, "imagefolder": load_imagefolder,
     "synthetic": _synthetic, "pydoc_topics": _pydoc_topics,
 }
 _SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10),
            "cifar100": ((3, 32, 32), 100)}
 
 
-def load_dataset(name: str, **kwargs) -> Dataset:
+def load_dataset(name: str, **kwargs) -> Data:
     """Load a data set of :data:`DATASETS` by name with its keyword arguments."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; valid names: {sorted(DATASETS)}")
@@ -413,8 +379,7 @@ def check_dataset(name: str, **kwargs) -> None:
     elif name == "cifar100":
         _cifar100_folder(kwargs.get("root", "data/cifar100"))
     elif name == "imagefolder":
-        _imagefolder_split(kwargs.get("root", "data/imagenet"), kwargs.get("train_dir", "train"),
-                           kwargs.get("test_dir", "val"))
+        check_imagefolder(**kwargs)
 
 
 def dataset_info(name: str, assume: bool = False, **kwargs) -> tuple[tuple[int, ...], int]:
@@ -431,8 +396,8 @@ def dataset_info(name: str, assume: bool = False, **kwargs) -> tuple[tuple[int, 
     if name == "imagefolder":
         size = int(kwargs.get("image_size", 224))
         try:
-            train, _, classes = _imagefolder_split(kwargs.get("root", "data/imagenet"),
-                                                   kwargs.get("train_dir", "train"), kwargs.get("test_dir", "val"))
+            train, _, classes = imagefolder_split(kwargs.get("root", "data/imagenet"),
+                                                  kwargs.get("train_dir", "train"), kwargs.get("test_dir", "val"))
         except FileNotFoundError:
             if not assume:
                 raise

@@ -24,7 +24,7 @@ from .config import (
     ConfigError, ExperimentConfig, Problem, SparsityPlan, algorithm_parameters, parse_config, plan_sparsity, problem_at,
     resolve_config, sparsity_blocks,
 )
-from .data import Dataset, check_dataset, dataset_info, load_dataset
+from .data import Data, check_dataset, dataset_info, load_dataset
 from .models import create_model
 
 __all__ = ["Experiment", "prepare", "make_optimizer", "resolve_device", "ranks", "train_batches", "StandardPhase"]
@@ -55,7 +55,7 @@ class Experiment:
     total_steps: int
     cost: LayerCost
     phases: list[Phase]
-    data: Dataset | None = None
+    data: Data | None = None
     notes: list[str] = field(default_factory=list)
     device: torch.device = torch.device("cpu")
 
@@ -107,7 +107,7 @@ def resolve_device(spec: str) -> torch.device:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(name: str, kwargs_json: str) -> Dataset:
+def _load_cached(name: str, kwargs_json: str) -> Data:
     return load_dataset(name, **json.loads(kwargs_json))
 
 
@@ -126,10 +126,10 @@ def _n_train(name: str, kwargs: dict[str, Any]) -> int:
         return len(pydoc_splits(**kwargs)[0])
     full = {"mnist": 60000, "cifar10": 50000, "cifar100": 50000, "imagefolder": 1281167}.get(name, 50000)
     if name == "imagefolder":
-        from .data import IMAGE_EXTENSIONS, _imagefolder_split
+        from .imagefolder import IMAGE_EXTENSIONS, imagefolder_split
         try:
-            train, _, classes = _imagefolder_split(kwargs.get("root", "data/imagenet"), kwargs.get("train_dir", "train"),
-                                                   kwargs.get("test_dir", "val"))
+            train, _, classes = imagefolder_split(kwargs.get("root", "data/imagenet"), kwargs.get("train_dir", "train"),
+                                                  kwargs.get("test_dir", "val"))
             full = sum(1 for c in classes if (train / c).is_dir() for p in (train / c).iterdir()
                        if p.suffix.lower() in IMAGE_EXTENSIONS)
         except (FileNotFoundError, ValueError):
@@ -138,10 +138,10 @@ def _n_train(name: str, kwargs: dict[str, Any]) -> int:
     return min(full, int(size)) if size else full
 
 
-def train_batches(data: Dataset, batch_size: int, device: torch.device):
-    """The training set in order, batch by batch, as (inputs, targets)."""
-    for i in range(0, len(data.x_train), batch_size):
-        yield data.inputs(data.x_train[i:i + batch_size]).to(device), data.y_train[i:i + batch_size].to(device)
+def train_batches(data: Data, batch_size: int, device: torch.device):
+    """The training set in order, batch by batch, as (inputs, targets) on ``device`` (images
+    read from a folder centre-cropped, as the test set)."""
+    return data.train_in_order(batch_size, device)
 
 
 def _data(config: ExperimentConfig, load_data: bool, require_data: bool, notes: list[str]):
@@ -163,7 +163,7 @@ def _data(config: ExperimentConfig, load_data: bool, require_data: bool, notes: 
     except (ValueError, OSError) as e:
         raise ConfigError([Problem(path, str(e))]) from None
     if data is not None:
-        return data, data.input_shape, data.num_classes, len(data.x_train)
+        return data, data.input_shape, data.num_classes, data.n_train
     shape, classes = dataset_info(name, **kwargs)
     return None, tuple(shape), classes, _n_train(name, kwargs)
 

@@ -16,7 +16,7 @@ from ..core.flops import forward_flops, training_flops, training_rule
 from ..core.masks import select_params
 from ..core.sparse_linear import weight_masks
 from .config import config_hash
-from .data import Dataset
+from .data import Data
 from .experiment import ranks
 from .rundir import atomic_write, method_label
 
@@ -27,20 +27,19 @@ log = logging.getLogger("fastsparse.train")
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> tuple[float, float]:
+def evaluate(model: nn.Module, data: Data, batch_size: int = 1000) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) on the test set, per target: per example for a classifier,
     per token for a language model (targets (N, T), outputs (N, vocab, T))."""
     model.eval()
-    loss, correct = 0.0, 0
+    loss, correct, n = 0.0, 0, 0
     p = next(model.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
-    for i in range(0, len(data.x_test), batch_size):
-        x, y = data.inputs(data.x_test[i:i + batch_size]).to(device), data.y_test[i:i + batch_size].to(device)
+    for x, y in data.test_batches(batch_size, device):
         out = model(x)
         loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
+        n += y.numel()
     model.train()
-    n = data.y_test.numel()
     return loss / n, correct / n
 
 

@@ -269,7 +269,7 @@ def _epoch(exp: Experiment, current: _Phase, epoch: int, order: torch.Generator,
     """One epoch of the current phase; returns its metrics."""
     config, data, parts = exp.config, exp.data, current.parts
     net_module, opt, sparsifier = parts.net, parts.optimizer, parts.sparsifier
-    bs, n = config.data.batch_size, len(data.x_train)
+    bs, n = config.data.batch_size, data.n_train
     rank, world = ranks()
     device = exp.device
     net = net_module
@@ -284,9 +284,9 @@ def _epoch(exp: Experiment, current: _Phase, epoch: int, order: torch.Generator,
     net_module.train()
     loss_sum, correct, changed = 0.0, 0, []
     perm = torch.randperm(n, generator=order)
-    for i in range(0, n, bs * world):
-        idx = perm[i:i + bs * world].tensor_split(world)[rank]
-        x, y = data.inputs(data.x_train[idx]).to(device), data.y_train[idx].to(device)
+    batches = [perm[i:i + bs * world].tensor_split(world)[rank] for i in range(0, n, bs * world)]
+    # image folders crop each image by (seed, epoch, index): the same on a resume, whatever the workers
+    for idx, (x, y) in zip(batches, data.train_epoch(batches, device, seed=config.seed, epoch=epoch)):
         n_updates = len(sparsifier.history) if sparsifier is not None else 0
         opt.zero_grad(set_to_none=True)
         out = net(x)
@@ -308,7 +308,7 @@ def _epoch(exp: Experiment, current: _Phase, epoch: int, order: torch.Generator,
     done = epoch + 1 - current.first_epoch
     extra = parts.after_epoch(done) if parts.after_epoch is not None else {}
     test_loss, test_acc = evaluate(net_module, data)
-    targets = n * data.y_train[0].numel()   # examples, or the tokens of a language model
+    targets = n * data.targets_per_example   # examples, or the tokens of a language model
     f_end = forward_flops(exp.model, exp.cost)
     acc["sparse_forward"] += 0.5 * (f_start + f_end) * n
     acc["train_seconds"] += time.perf_counter() - t0
@@ -321,7 +321,7 @@ def _epoch(exp: Experiment, current: _Phase, epoch: int, order: torch.Generator,
         "updates": len(changed), "changed_fraction": sum(changed) / len(changed) if changed else 0.0,
         "itop_rate": sparsifier.exploration_rate() if sparsifier is not None else 1.0,
         "forward_flops": f_end, "seconds": acc["train_seconds"], **(extra or {}),
-        **({"test_perplexity": perplexity(test_loss)} if data.y_test.dim() > 1 else {}),
+        **({"test_perplexity": perplexity(test_loss)} if data.sequences else {}),
     }
 
 

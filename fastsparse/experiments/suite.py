@@ -159,8 +159,7 @@ def _probe(method: str, base: dict[str, Any], block: dict[str, Any] | None) -> s
         if exp.sparsifier is not None or exp.plan is None:
             data = exp.data
             assert data is not None
-            for i in range(3):
-                x, y = data.inputs(data.x_train[i * 8:(i + 1) * 8]), data.y_train[i * 8:(i + 1) * 8]
+            for _, (x, y) in zip(range(3), data.train_in_order(8, exp.device)):
                 exp.optimizer.zero_grad()
                 nn.functional.cross_entropy(exp.model(x), y).backward()
                 exp.optimizer.step()

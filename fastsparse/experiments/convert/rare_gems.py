@@ -39,7 +39,7 @@ _ONLY_WHY = {
     "prune_type": "hc_iter freezes the globally lowest flagged scores (bottom-k)",
     "round": "the forward mask is 1[p > quantize_threshold] (naive rounding)",
 }
-_ENVIRONMENT = {"workers": "data-loader workers: our data sets are held in memory and need none",
+_ENVIRONMENT = {"workers": "data-loader workers: CIFAR and MNIST are held in memory and need none",
                 "name": "their run name: our run folder is named <algorithm>-<hash of the config>"}
 # every key we read, for the error on an unknown one
 KEYS = ("algo", "iter_period", "arch", "dataset", "name", "optimizer", "lr", "lr_policy", "fine_tune_lr",
@@ -70,7 +70,9 @@ def convert_with_notes(text: str) -> tuple[dict[str, Any], list[str]]:
     unknown = sorted(set(their) - set(KEYS))
     if unknown:
         raise ConversionError(f"unknown Rare Gems keys {unknown}; known: {', '.join(KEYS)}")
-    notes = [f"{key}: {their[key]!r}: {why}" for key, why in _ENVIRONMENT.items() if key in their]
+    streamed = str(their.get("dataset", "CIFAR10")).lower() in ("imagenet", "tinyimagenet")   # data.workers there
+    notes = [f"{key}: {their[key]!r}: {why}" for key, why in _ENVIRONMENT.items()
+             if key in their and not (key == "workers" and streamed)]
     for key, allowed in _ONLY.items():
         if key in their and their[key] not in allowed:
             raise ConversionError(f"{key}: {their[key]!r} has no equivalent; allowed: {', '.join(map(str, allowed))} "
@@ -79,6 +81,8 @@ def convert_with_notes(text: str) -> tuple[dict[str, Any], list[str]]:
     algorithm, block = _ALGOS[_choice("algo", their.get("algo", "hc_iter"), tuple(_ALGOS))]
     dataset = str(their.get("dataset", "CIFAR10")).lower()
     data, default_arch = _DATASETS[_choice("dataset", dataset, tuple(_DATASETS))]
+    if streamed and "workers" in their:
+        data = {**data, "workers": their["workers"]}
     from ..models import list_models
     arch = str(their.get("arch", default_arch)).lower()
     model = {"name": _choice("arch", arch, tuple(list_models()))}

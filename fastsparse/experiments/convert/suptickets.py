@@ -67,7 +67,7 @@ _DEFAULTS = {
 }
 # what only names the run or shapes its console: a note, no key
 _ENVIRONMENT = {
-    "--workers": "data-loading workers: fastsparse holds the data in memory and loads it in the training process",
+    "--workers": "data-loading workers: fastsparse holds CIFAR in memory and loads it in the training process",
     "--print-freq": "their console print interval: fastsparse logs every epoch (metrics.jsonl in the run folder)",
     "--log-interval": "their console print interval: fastsparse logs every epoch (metrics.jsonl in the run folder)",
     "--master_port": "torchrun picks the port: pass --master_port to torchrun if you need this one",
@@ -330,8 +330,11 @@ def _data_and_model(cmd: _Command) -> tuple[dict[str, Any], dict[str, Any]]:
     arch = _choice(cmd.get("--arch"), ("resnet50",), "--arch")
     config = _choice(cmd.get("--model-config"), ("classic", "fanin"), "-c/--model-config")
     data = {"name": "imagefolder", "root": cmd.positional[0], "image_size": 224, "batch_size": cmd.get("--batch-size")}
-    cmd.notes.append("data: images are resized and centre-cropped to 224 once and held in memory, without their "
-                     "random-resized-crop and flip augmentation (see fastsparse.experiments.data's imagefolder for memory)")
+    if cmd.has("--workers"):
+        data["workers"] = cmd.get("--workers")
+    cmd.notes.append("data: images are decoded on the fly by data.workers DataLoader processes per rank (their -j), "
+                     "with the random-resized-crop and flip of their training and the resize-256/centre-crop-224 of "
+                     "their evaluation (fastsparse.experiments.imagefolder)")
     return data, {"name": arch, "stem": "imagenet", "conv_init": "fan_in" if config == "fanin" else "fan_out"}
 
 
@@ -362,7 +365,7 @@ def convert_with_notes(text: str) -> tuple[dict[str, Any], list[str]]:
     """(our experiment config, notes) for their command line; see the module docstring."""
     cmd = _parse(text)
     for option, note in _ENVIRONMENT.items():
-        if cmd.has(option):
+        if cmd.has(option) and not (option == "--workers" and cmd.script == "imagenet"):   # data.workers there
             cmd.notes.append(f"{option} {cmd.given[option]}: {note}".replace(" True:", ":"))
     if cmd.nproc:
         cmd.notes.append(f"multiproc.py --nproc_per_node {cmd.nproc}: launch with torchrun --nproc_per_node "
