@@ -9,14 +9,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..core.errors import MaskDisagreement
+
 __all__ = ["is_distributed", "mask_checksums", "check_agreement", "MaskDisagreement"]
 
 _BIT_WEIGHTS = (1 << torch.arange(8)).to(torch.uint8)
 _WORDS = 4   # int64 words of each mask's SHA-256 compared across ranks (256 bits)
-
-
-class MaskDisagreement(RuntimeError):
-    """Ranks hold different masks: the replicas are no longer training the same network."""
 
 
 def is_distributed() -> bool:
