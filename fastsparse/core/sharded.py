@@ -118,9 +118,10 @@ def total_like(n: int, like: Tensor) -> int:
 
 
 def _keys(scores: Tensor) -> Tensor:
-    """Order-preserving int64 keys in [0, 2^32) of float32 scores (−0.0 counts as +0.0, as ``==`` does)."""
-    bits = (scores.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return torch.where(bits >= (1 << 31), 0xFFFFFFFF - bits, bits + (1 << 31))
+    """Order-preserving int32 keys of float32 scores: signed comparison of the keys is the float
+    comparison (−0.0 counts as +0.0, as ``==`` does): negative floats get their 31 low bits flipped."""
+    bits = (scores.to(torch.float32) + 0.0).view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def sharded_topk_among(scores: Tensor, allowed: Tensor, k: int, like: Tensor) -> Tensor:
@@ -137,15 +138,19 @@ def sharded_topk_among(scores: Tensor, allowed: Tensor, k: int, like: Tensor) ->
 
     group, device = _group(like), _collective_device(like)
     flat, ok = scores.reshape(-1), allowed.reshape(-1)
-    nan = int(torch.isnan(flat[ok]).count_nonzero()) if flat.is_floating_point() else 0
-    keys = _keys(flat)[ok]
-    positions = ok.nonzero().squeeze(1)
+    nan = int((torch.isnan(flat) & ok).count_nonzero()) if flat.is_floating_point() else 0
+    keys = _keys(flat)
+    # the radix select walks the keys as unsigned numbers: the sign bit flipped
+    top = torch.where(ok, ((keys >> 24) & 0xFF) ^ 0x80, _BINS)
     prefix, need = 0, int(k)
-    candidates = keys
+    candidates: Tensor | None = None
     for r in range(_ROUNDS):
         shift = 8 * (_ROUNDS - 1 - r)
-        digits = (candidates >> shift) & 0xFF
-        hist = torch.bincount(digits, minlength=_BINS).to(torch.int64)
+        if r == 0:
+            digits = top
+        else:
+            digits = (candidates >> shift) & 0xFF
+        hist = torch.bincount(digits.reshape(-1), minlength=_BINS + 1)[:_BINS].to(torch.int64)
         if r == 0:   # with the NaN count and k, k² (every rank asked for the same k iff Σk² · W = (Σk)²)
             hist = torch.cat([hist, torch.tensor([nan, int(k), int(k) ** 2, 1], dtype=torch.int64)])
         hist = _all_reduce(hist.to(device), group).cpu()
@@ -166,12 +171,13 @@ def sharded_topk_among(scores: Tensor, allowed: Tensor, k: int, like: Tensor) ->
         d = int((above_d < need).nonzero().min()) if 0 < need <= int(hist.sum()) else 0
         need -= int(above_d[d]) if need > 0 else 0
         prefix |= d << shift
-        candidates = candidates[digits == d]
-    threshold = prefix
+        candidates = keys[top == d] if r == 0 else candidates[digits == d]
+    threshold = prefix - (1 << 31)   # back to the signed keys
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    tied = flat.new_zeros(0, dtype=torch.int64)
     if k > 0:
-        keep[positions[keys > threshold]] = True
-    tied = positions[keys == threshold] if k > 0 else positions[:0]
+        keep = ok & (keys > threshold)
+        tied = (ok & (keys == threshold)).nonzero().squeeze(1)
     counts = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
     mine = torch.tensor([tied.numel()], dtype=torch.int64, device=device)
     dist.all_gather_into_tensor(counts, mine, group=group)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..core.errors import MaskDisagreement
+from ..core.sharded import TRAFFIC
 
 __all__ = ["is_distributed", "mask_checksums", "check_agreement", "MaskDisagreement"]
 
@@ -54,6 +55,8 @@ def _min_max(t: Tensor) -> tuple[Tensor, Tensor]:
     hi, lo = t.clone(), t.clone()
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    TRAFFIC.add(hi)
+    TRAFFIC.add(lo)
     return lo.cpu(), hi.cpu()
 
 

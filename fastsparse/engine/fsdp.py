@@ -27,12 +27,13 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..algorithms.base import SparsityAlgorithm
+from ..algorithms.base import SparsityAlgorithm, generator_for
 from ..algorithms.dst import DST
 from ..core.errors import MaskDisagreement
 from ..core.masks import SparseParam
 from ..core.schedules import Clock
-from ..core.sharded import global_count, is_sharded, local, shard_like, shard_rows, sharded_topk_among
+from ..core.scores import accepts_generator, checked_score
+from ..core.sharded import TRAFFIC, global_count, is_sharded, local, shard_like, shard_rows, sharded_topk_among
 from .recipe import EntryPointRefused
 
 __all__ = ["is_fsdp", "check_fsdp", "full_views", "localized", "sharded_update", "check_sharded_agreement",
@@ -107,6 +108,14 @@ def localized(score: Tensor, like: Tensor) -> Tensor:
     return score.narrow(0, start, n)
 
 
+def _local_score(fn: Any, sp: SparseParam, optimizer: Any, seed: int, step: int, what: str) -> Tensor:
+    """``fn``'s score of the sharded parameter, this rank's rows. Its shape is checked here; NaN by the
+    selection, over every shard at once (a check on the DTensor would be a collective of its own)."""
+    kwargs = {"generator": generator_for(seed, step, sp.name)} if accepts_generator(fn) else {}
+    score = checked_score(fn(sp.param, optimizer, **kwargs), sp.param, what, fn, sp.name, nan=False)
+    return localized(score.detach(), sp.param)
+
+
 @torch.no_grad()
 def sharded_update(alg: SparsityAlgorithm, params: Sequence[SparseParam], optimizer: Any, clock: Clock,
                    seed: int) -> tuple[list[Tensor], list[int]] | None:
@@ -125,8 +134,8 @@ def sharded_update(alg: SparsityAlgorithm, params: Sequence[SparseParam], optimi
         mask = local(sp.mask)
         a = global_count(sp.mask)
         d = int(math.floor(f * a))
-        keep = localized(alg._score(alg.keep_score, sp, optimizer, seed, clock.step, "keep score"), sp.param)
-        grow = localized(alg._score(alg.grow_score, sp, optimizer, seed, clock.step, "grow score"), sp.param)
+        keep = _local_score(alg.keep_score, sp, optimizer, seed, clock.step, "keep score")
+        grow = _local_score(alg.grow_score, sp, optimizer, seed, clock.step, "grow score")
         kept = sharded_topk_among(keep.to(torch.float32), mask, a - d, sp.param)
         grown = sharded_topk_among(grow.to(torch.float32), ~kept, d, sp.param)
         out.append(kept | grown)
@@ -169,6 +178,7 @@ def check_sharded_agreement(names: Sequence[str], masks: Sequence[Tensor], expec
         world = dist.get_world_size(m.device_mesh.get_group())
         every = torch.zeros(world * 5, dtype=torch.int64, device=device)
         dist.all_gather_into_tensor(every, mine, group=m.device_mesh.get_group())
+        TRAFFIC.add(mine, world)
         every = every.view(world, 5).cpu()
         total = int(every[:, 4].sum())
         glob = hashlib.sha256(every[:, :4].numpy().tobytes()).digest()

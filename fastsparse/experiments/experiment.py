@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..core.flops import LayerCost, layer_costs
+from ..core.sharded import is_sharded
 from ..algorithms.base import SparsityAlgorithm
 from ..core.schedules import Clock, Schedule, UpdateSchedule
 from ..engine.execution import ExecutionRefused
