@@ -18,6 +18,10 @@ Scenarios (``--scenario``):
             mask bit (at the next update), a per-rank sparsity (at build), a per-rank k handed to
             the selection; then a check that passes, so the group still works.
   refuse    what FSDP does not run: sparse execution, GMP, a non-default drop rule.
+  dcp       a sharded checkpoint (torch.distributed.checkpoint) after 25 steps of RigL; training on
+            25 steps from it, and from a fresh model that loads it (bit for bit the same); loads
+            refused before any change: another identity, a missing shard, a corrupted shard, a
+            .metadata that names a function; the whole state at the save for the one-process load.
 """
 from __future__ import annotations
 
@@ -209,9 +213,78 @@ def refuse(rank: int, world: int) -> dict:
     return out
 
 
+def dcp(rank: int, world: int, out: str) -> dict:
+    import shutil
+    from pathlib import Path
+
+    from fastsparse.engine.fsdp import full_model_state
+    from fastsparse.engine.sharded_checkpoint import ShardedCheckpointError, load_sharded, save_sharded
+
+    def engine():
+        _, model = build("mlp")
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        alg = sparse.create("rigl", sparsity=0.9, distribution="erk", update=sparse.UpdateSchedule(freq=FREQ, stop=0.75))
+        return model, opt, sparse.Sparsifier(model, opt, alg, total_steps=STEPS, seed=7)
+
+    def steps(model, opt, first, n):
+        for i, (x, y) in enumerate(batches("mlp")):
+            if first <= i < first + n:
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+
+    root = Path(out)
+    identity = {"run": "digits-rigl", "seed": 7}
+    model, opt, eng = engine()
+    steps(model, opt, 0, 25)
+    save_sharded(root / "ckpt", model, opt, eng, identity)
+    whole_at_save = full_model_state(model)
+    steps(model, opt, 25, 25)
+    continued = full_model_state(model)
+    model2, opt2, eng2 = engine()
+    load_sharded(root / "ckpt", model2, opt2, eng2, identity)
+    resumed_at = eng2.step_count
+    steps(model2, opt2, 25, 25)
+    result = {"continued": continued, "resumed": full_model_state(model2), "history": eng.history,
+              "resumed_history": eng2.history, "resumed_at": resumed_at}
+    if rank == 0:
+        torch.save(whole_at_save, root / "whole_at_save.pt")
+        for name in ("missing", "corrupt", "crafted"):
+            shutil.copytree(root / "ckpt", root / name)
+        (root / "missing" / "__1_0.distcp").unlink()
+        data = bytearray((root / "corrupt" / "__0_0.distcp").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (root / "corrupt" / "__0_0.distcp").write_bytes(bytes(data))
+        import json, hashlib, pickle
+
+        class Boom:
+            def __reduce__(self):
+                return (os.system, ("echo crafted > " + str(root / "crafted" / "ran"),))
+        (root / "crafted" / ".metadata").write_bytes(pickle.dumps(Boom()))
+        manifest = json.loads((root / "crafted" / "manifest.json").read_text())
+        raw = (root / "crafted" / ".metadata").read_bytes()
+        manifest["files"][".metadata"] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+        (root / "crafted" / "manifest.json").write_text(json.dumps(manifest))
+    dist.barrier()
+    model3, opt3, eng3 = engine()
+    before = full_model_state(model3)
+    for name, folder, ident in (("identity", "ckpt", {**identity, "seed": 8}), ("missing", "missing", identity),
+                                ("corrupt", "corrupt", identity), ("crafted", "crafted", identity)):
+        try:
+            load_sharded(root / folder, model3, opt3, eng3, ident)
+            result[name] = ""
+        except ShardedCheckpointError as e:
+            result[name] = str(e)
+    after = full_model_state(model3)
+    result["unchanged"] = all(torch.equal(before[k], after[k]) for k in before) and eng3.step_count == 0 \
+        and len(opt3.state) == 0
+    result["crafted_ran"] = (root / "crafted" / "ran").exists()
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scenario", choices=["select", "agree", "diverge", "refuse"], required=True)
+    ap.add_argument("--scenario", choices=["select", "agree", "diverge", "refuse", "dcp"], required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -219,7 +292,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     code = 0
     try:
-        result = globals()[args.scenario](rank, world)
+        result = dcp(rank, world, args.out) if args.scenario == "dcp" else globals()[args.scenario](rank, world)
         result["rank"], result["world"] = rank, world
         torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
     except BaseException:

@@ -120,3 +120,35 @@ def test_what_fsdp_does_not_run_is_refused_before_any_change(tmp_path):
         assert r["gmp"]["refused"] and "train this method with DDP" in r["gmp"]["message"]
         assert r["set_drop"]["refused"] and "drop_rule='set'" in r["set_drop"]["message"]
         assert all(r[k]["unchanged"] for k in ("sparse", "gmp", "set_drop"))
+
+
+def test_sharded_checkpoint_resumes_refuses_and_loads_in_one_process(tmp_path):
+    from fastsparse.deploy import read_sparse, save_sparse
+    from fastsparse.engine.sharded_checkpoint import load_sharded
+    from fastsparse.experiments.models import MLP
+
+    results = _launch("dcp", tmp_path)
+    for r in results:
+        assert r["resumed_at"] == 25
+        assert _same(r["resumed"], r["continued"])          # 25 more steps from the checkpoint: bit for bit
+        assert r["resumed_history"] == r["history"] and len(r["history"]) == 4
+        assert "another run" in r["identity"] and "'seed': 7" in r["identity"]
+        assert "lacks __1_0.distcp" in r["missing"]
+        assert "__0_0.distcp does not match its checksum" in r["corrupt"]
+        assert "names posix.system" in r["crafted"] and not r["crafted_ran"]
+        assert r["unchanged"]                                   # every refusal before any change
+    # the 2-rank checkpoint in one process, unsharded: the whole state at the save, then exported
+    torch.manual_seed(0)
+    model = MLP((64, 128, 64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    import fastsparse as sparse
+    engine = sparse.Sparsifier(model, opt, sparse.create("rigl", sparsity=0.9, distribution="erk",
+                                                          update=sparse.UpdateSchedule(freq=10, stop=0.75)),
+                               total_steps=60, seed=7)
+    load_sharded(tmp_path / "ckpt", model, opt, engine, {"run": "digits-rigl", "seed": 7})
+    whole = torch.load(tmp_path / "whole_at_save.pt", weights_only=True)
+    assert _same(dict(model.state_dict()), whole)
+    assert engine.step_count == 25 and len(engine.history) == 2
+    assert all(opt.state[p]["momentum_buffer"].shape == p.shape for p in model.parameters())
+    save_sparse(model.state_dict(), tmp_path / "model.safetensors")
+    assert _same({k: v for k, v in read_sparse(tmp_path / "model.safetensors").state_dict.items()}, whole)
