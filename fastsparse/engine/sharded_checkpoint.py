@@ -26,6 +26,7 @@ import json
 import os
 import pathlib
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -252,7 +253,9 @@ def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: Any, spar
     fresh.update(opt_fresh)
     _read_metadata(path)   # refused here, on every rank alike, rather than inside DCP's collectives
     try:
-        dcp.load(fresh, storage_reader=_reader(path), no_dist=not _distributed())
+        with warnings.catch_warnings():   # one process: DCP warns that it assumes so, which is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(fresh, storage_reader=_reader(path), no_dist=not _distributed())
     except (Exception, CheckpointException) as e:   # noqa: BLE001 - DCP's own errors (keys or shapes that do not fit)
         first = (str(e).splitlines() or [type(e).__name__])[0][:300]
         raise ShardedCheckpointError(f"{path} does not fit this model and optimizer: {first}") from None
