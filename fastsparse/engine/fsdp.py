@@ -69,7 +69,7 @@ def check_fsdp(groups: Sequence[Any], execution: Any) -> None:
     if execution != "masked":
         raise EntryPointRefused(f"execution={execution!r} is not offered with FSDP (fully_shard): sparse execution "
                                 "stores Linear weights as their active values, which FSDP does not shard; use "
-                                "execution='masked' under FSDP, or DDP for sparse execution")
+                                "execution='masked' under FSDP (sparse execution runs in one process)")
     for g in groups:
         for sp in g.params:
             if not is_sharded(sp.param):

@@ -256,7 +256,7 @@ def _shard(model: nn.Module, config: ExperimentConfig, notes: list[str]) -> None
     if config.execution != "masked":
         raise ConfigError([Problem("execution", f"is {config.execution!r}, which FSDP does not shard (sparse "
                                                 "execution stores Linear weights as their active values); use "
-                                                "execution: masked with parallel: fsdp, or parallel: ddp")])
+                                                "execution: masked with parallel: fsdp (sparse execution runs in one process)")])
     from torch.distributed.fsdp import fully_shard
 
     for module in list(model.modules())[1:]:
