@@ -22,6 +22,7 @@ Scenarios (``--scenario``):
             25 steps from it, and from a fresh model that loads it (bit for bit the same); loads
             refused before any change: another identity, a missing shard, a corrupted shard, a
             .metadata that names a function; the whole state at the save for the one-process load.
+  reload    (3 ranks) the checkpoint of ``dcp``, saved by 2 ranks, loaded into 3 shards.
 """
 from __future__ import annotations
 
@@ -282,9 +283,26 @@ def dcp(rank: int, world: int, out: str) -> dict:
     return result
 
 
+def reload(rank: int, world: int, out: str) -> dict:
+    from pathlib import Path
+
+    from fastsparse.engine.fsdp import full_model_state
+    from fastsparse.engine.sharded_checkpoint import load_sharded
+
+    _, model = build("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    alg = sparse.create("rigl", sparsity=0.9, distribution="erk", update=sparse.UpdateSchedule(freq=FREQ, stop=0.75))
+    eng = sparse.Sparsifier(model, opt, alg, total_steps=STEPS, seed=7)
+    load_sharded(Path(out) / "ckpt", model, opt, eng, {"run": "digits-rigl", "seed": 7})
+    rows = {sp.name: tuple(local(sp.mask).shape) for sp in sparse_params(model)}
+    momentum = {n: opt.state[p]["momentum_buffer"].full_tensor() for n, p in model.named_parameters()}
+    return {"state": full_model_state(model), "rows": rows, "step": eng.step_count, "momentum": momentum,
+            "history": eng.history}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scenario", choices=["select", "agree", "diverge", "refuse", "dcp"], required=True)
+    ap.add_argument("--scenario", choices=["select", "agree", "diverge", "refuse", "dcp", "reload"], required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -292,11 +310,16 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     code = 0
     try:
-        result = dcp(rank, world, args.out) if args.scenario == "dcp" else globals()[args.scenario](rank, world)
+        if args.scenario in ("dcp", "reload"):
+            result = globals()[args.scenario](rank, world, args.out)
+        else:
+            result = globals()[args.scenario](rank, world)
         result["rank"], result["world"] = rank, world
-        torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
+        torch.save(result, os.path.join(args.out, f"{args.scenario}-rank{rank}.pt" if args.scenario == "reload"
+                                        else f"rank{rank}.pt"))
     except BaseException:
-        with open(os.path.join(args.out, f"rank{rank}.err"), "w") as f:
+        with open(os.path.join(args.out, f"{args.scenario}-rank{rank}.err" if args.scenario == "reload"
+                               else f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         code = 1
     sys.stdout.flush()

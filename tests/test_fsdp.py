@@ -34,8 +34,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(scenario: str, out_dir) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+def _launch(scenario: str, out_dir, ranks: int = 2) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(ranks),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            WORKER, "--scenario", scenario, "--out", str(out_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
@@ -48,12 +48,14 @@ def _launch(scenario: str, out_dir) -> list[dict]:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         pytest.fail(f"torchrun {scenario} did not finish in {LAUNCH_TIMEOUT} s (a hang)\nstderr:\n{stderr[-5000:]}")
-    errors = {r: (out_dir / f"rank{r}.err").read_text() for r in range(2) if (out_dir / f"rank{r}.err").exists()}
-    missing = [r for r in range(2) if not (out_dir / f"rank{r}.pt").exists()]
+    prefix = f"{scenario}-" if scenario == "reload" else ""
+    errors = {r: (out_dir / f"{prefix}rank{r}.err").read_text() for r in range(ranks)
+              if (out_dir / f"{prefix}rank{r}.err").exists()}
+    missing = [r for r in range(ranks) if not (out_dir / f"{prefix}rank{r}.pt").exists()]
     if errors or missing or proc.returncode != 0:
         pytest.fail(f"torchrun {scenario}: exit {proc.returncode}, ranks without results {missing}\n"
                     f"worker errors: {errors}\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return [torch.load(out_dir / f"{prefix}rank{r}.pt", weights_only=True) for r in range(ranks)]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,7 @@ def test_what_fsdp_does_not_run_is_refused_before_any_change(tmp_path):
         assert all(r[k]["unchanged"] for k in ("sparse", "gmp", "set_drop"))
 
 
-def test_sharded_checkpoint_resumes_refuses_and_loads_in_one_process(tmp_path):
+def test_sharded_checkpoint_resumes_refuses_and_loads_on_other_numbers_of_ranks(tmp_path):
     from fastsparse.deploy import read_sparse, save_sparse
     from fastsparse.engine.sharded_checkpoint import load_sharded
     from fastsparse.experiments.models import MLP
@@ -152,3 +154,9 @@ def test_sharded_checkpoint_resumes_refuses_and_loads_in_one_process(tmp_path):
     assert all(opt.state[p]["momentum_buffer"].shape == p.shape for p in model.parameters())
     save_sparse(model.state_dict(), tmp_path / "model.safetensors")
     assert _same({k: v for k, v in read_sparse(tmp_path / "model.safetensors").state_dict.items()}, whole)
+    # ... and on 3 ranks (uneven shards: 43, 43, 42 rows of 128; 4, 4, 2 of 10)
+    three = _launch("reload", tmp_path, ranks=3)
+    assert [r["rows"]["4.weight"][0] for r in three] == [4, 4, 2]
+    for r in three:
+        assert _same(r["state"], whole) and r["step"] == 25 and r["history"] == results[0]["history"][:2]
+        assert all(torch.equal(r["momentum"][n], opt.state[p]["momentum_buffer"]) for n, p in model.named_parameters())
