@@ -148,6 +148,24 @@ def select(rank: int, world: int) -> dict:
         cases += 1
         if not torch.equal(whole, _topk_among(s, allowed, k)) or int(whole.sum()) != k:
             wrong.append(trial)
+    # layers large enough to be bounded from a sample first (>= 2^18 weights): k small and large, ties
+    for trial, (kind, fraction) in enumerate((("normal", 0.03), ("ties", 0.03), ("ties", 0.001), ("normal", 0.7),
+                                               ("zeros", 0.01))):
+        rows, cols = 601, 512
+        if kind == "normal":
+            s = torch.randn(rows, cols, generator=g)
+        elif kind == "ties":
+            s = torch.randint(0, 40, (rows, cols), generator=g).float()
+        else:
+            s = torch.randint(-1, 2, (rows, cols), generator=g).float() * 0.0
+        allowed = torch.rand(rows, cols, generator=g) < 0.9
+        k = int(fraction * int(allowed.sum()))
+        like = distribute_tensor(torch.zeros(rows, cols), mesh, [Shard(0)])
+        part = sharded_topk_among(local(shard_like(s, like)), local(shard_like(allowed, like)), k, like)
+        whole = DTensor.from_local(part, mesh, [Shard(0)], shape=like.shape, stride=like.stride()).full_tensor()
+        cases += 1
+        if not torch.equal(whole, _topk_among(s, allowed, k)) or int(whole.sum()) != k:
+            wrong.append(f"large-{trial}")
     return {"cases": cases, "wrong": wrong}
 
 

@@ -26,6 +26,8 @@ __all__ = ["is_sharded", "local", "shard_rows", "shard_like", "global_count", "c
 
 _BINS = 256
 _ROUNDS = 4        # 8 bits of the 32-bit key per round
+_BOUNDED_FROM = 1 << 18   # layers this large first bound the threshold from a sample (as on one process)
+_SAMPLE = 256             # sampled scores per rank
 
 
 def is_sharded(t: Any) -> bool:
@@ -124,6 +126,40 @@ def _keys(scores: Tensor) -> Tensor:
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
+def _beyond_bound(where: Tensor, values: Tensor, k: int, group, device) -> tuple[Tensor, Tensor]:
+    """The allowed positions worth selecting among: on a large layer, when k is at most half of the
+    allowed positions, those at or above a bound b that the k-th largest very probably passes,
+    from a fixed pseudo-random sample of every shard (all_gather of _SAMPLE + 1 float64 a rank;
+    every rank derives the same b). If at least k positions reach b over all shards (one
+    all_reduce), the k-th largest is >= b, so selecting among them gives the same answer; else,
+    or when k is large, every allowed position stays (a missed bound only costs time)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    pick = torch.randint(max(1, values.numel()), (_SAMPLE,), generator=torch.Generator().manual_seed(0))
+    sample = values[pick].to(torch.float64) if values.numel() else torch.full((_SAMPLE,), float("nan"),
+                                                                                dtype=torch.float64)
+    mine = torch.cat([torch.tensor([float(values.numel())], dtype=torch.float64), sample]).to(device)
+    every = torch.zeros(world * (_SAMPLE + 1), dtype=torch.float64, device=device)
+    dist.all_gather_into_tensor(every, mine, group=group)
+    TRAFFIC.add(mine, world)
+    every = every.view(world, _SAMPLE + 1).cpu()
+    total = int(every[:, 0].sum())
+    pooled = every[every[:, 0] > 0, 1:].reshape(-1)
+    pooled = pooled[~torch.isnan(pooled)]
+    use = 0 < k <= total // 2 and pooled.numel() > 0
+    if use:
+        expected = k * pooled.numel() / total
+        j = min(pooled.numel(), int(expected + 4.0 * expected ** 0.5) + 16)
+        bound = float(pooled.topk(j).values.min())
+        beyond = values >= bound
+        n = int(beyond.count_nonzero())
+    n_all = torch.tensor([n if use else 0], dtype=torch.int64, device=device)
+    if int(_all_reduce(n_all, group)[0]) >= k and use:
+        return where[beyond], values[beyond]
+    return where, values
+
+
 def sharded_topk_among(scores: Tensor, allowed: Tensor, k: int, like: Tensor) -> Tensor:
     """This rank's part of the global mask with exactly ``k`` True at the largest ``scores`` among
     the ``allowed`` positions, ties to the lowest global flat index.
@@ -138,10 +174,14 @@ def sharded_topk_among(scores: Tensor, allowed: Tensor, k: int, like: Tensor) ->
 
     group, device = _group(like), _collective_device(like)
     flat, ok = scores.reshape(-1), allowed.reshape(-1)
-    nan = int((torch.isnan(flat) & ok).count_nonzero()) if flat.is_floating_point() else 0
-    keys = _keys(flat)
+    where = ok.nonzero().squeeze(1)      # the allowed positions: all the work below is on them only
+    values = flat[where]
+    nan = int(torch.isnan(values).count_nonzero()) if values.is_floating_point() else 0
+    if like.numel() >= _BOUNDED_FROM:
+        where, values = _beyond_bound(where, values, int(k), group, device)
+    keys = _keys(values)
     # the radix select walks the keys as unsigned numbers: the sign bit flipped
-    top = torch.where(ok, ((keys >> 24) & 0xFF) ^ 0x80, _BINS)
+    top = (keys >> 24) + 128
     prefix, need = 0, int(k)
     candidates: Tensor | None = None
     for r in range(_ROUNDS):
@@ -150,7 +190,7 @@ def sharded_topk_among(scores: Tensor, allowed: Tensor, k: int, like: Tensor) ->
             digits = top
         else:
             digits = (candidates >> shift) & 0xFF
-        hist = torch.bincount(digits.reshape(-1), minlength=_BINS + 1)[:_BINS].to(torch.int64)
+        hist = torch.bincount(digits.reshape(-1), minlength=_BINS).to(torch.int64)
         if r == 0:   # with the NaN count and k, k² (every rank asked for the same k iff Σk² · W = (Σk)²)
             hist = torch.cat([hist, torch.tensor([nan, int(k), int(k) ** 2, 1], dtype=torch.int64)])
         hist = _all_reduce(hist.to(device), group).cpu()
@@ -174,10 +214,10 @@ def sharded_topk_among(scores: Tensor, allowed: Tensor, k: int, like: Tensor) ->
         candidates = keys[top == d] if r == 0 else candidates[digits == d]
     threshold = prefix - (1 << 31)   # back to the signed keys
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    tied = flat.new_zeros(0, dtype=torch.int64)
+    tied = where[:0]
     if k > 0:
-        keep = ok & (keys > threshold)
-        tied = (ok & (keys == threshold)).nonzero().squeeze(1)
+        keep[where[keys > threshold]] = True
+        tied = where[keys == threshold]
     counts = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
     mine = torch.tensor([tied.numel()], dtype=torch.int64, device=device)
     dist.all_gather_into_tensor(counts, mine, group=group)
