@@ -2,7 +2,8 @@
 ``fully_shard``-ed model. The run equals the DDP run bit for bit (same weights, masks and
 metrics); a run interrupted after epoch 2 and resumed from its checkpoint ends where the whole
 run ends, bit for bit; the 2-rank checkpoint loads in one process, verified, and exports.
-The worker is tests/fsdp_train_worker.py (one launch, ~17 s)."""
+In one process the key trains the model whole, with a note. The worker is
+tests/fsdp_train_worker.py (one launch, ~17 s)."""
 from __future__ import annotations
 
 import json
@@ -87,3 +88,12 @@ def test_two_rank_checkpoint_loads_in_one_process_and_exports(runs, tmp_path):
     assert "2 masked tensors compressed" in text
     back = read_sparse(tmp_path / "m.safetensors").state_dict
     assert _same({k: back[k] for k in state["model"]}, dict(state["model"]))
+
+
+def test_parallel_fsdp_in_one_process_trains_the_model_whole_and_says_so():
+    from fastsparse.experiments.experiment import prepare
+    from fsdp_train_worker import CFG
+
+    exp = prepare({**CFG, "epochs": 1})
+    assert any("one process trains it whole" in note for note in exp.notes)
+    assert not any(hasattr(p, "device_mesh") for p in exp.model.parameters())
