@@ -1,7 +1,7 @@
 """Errors that name the argument at fault, so that a config can point at the key."""
 from __future__ import annotations
 
-__all__ = ["ParameterError"]
+__all__ = ["ParameterError", "MaskDisagreement"]
 
 
 class ParameterError(ValueError):
@@ -10,3 +10,8 @@ class ParameterError(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(message)
         self.key = key
+
+
+class MaskDisagreement(RuntimeError):
+    """Ranks hold different masks: the replicas are no longer training the same network (or, with
+    sharded masks, the ranks no longer agree on what the shards should hold together)."""

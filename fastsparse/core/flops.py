@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .sharded import global_count
 from .sparse_linear import compact_layers
 
 __all__ = ["LayerCost", "layer_costs", "forward_flops", "training_rule", "training_flops"]
@@ -97,7 +98,7 @@ def forward_flops(model: nn.Module, cost: LayerCost, sparse: bool = True) -> int
         if p is None:
             continue
         mask = buffers.get(name + "_mask") if sparse else None
-        total += 2 * pos * (int(mask.sum()) if mask is not None else p.numel())
+        total += 2 * pos * (global_count(mask) if mask is not None else p.numel())
     return total
 
 

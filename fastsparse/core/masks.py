@@ -20,6 +20,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .sharded import is_sharded, local, shard_like
+
 __all__ = [
     "MASK_SUFFIX", "SparseParam", "default_param_filter", "select_params", "sparse_params",
     "attach_mask", "detach_masks", "apply_masks", "n_keep", "topk_mask", "global_topk_masks",
@@ -178,13 +180,16 @@ def attach_mask(sp: SparseParam, mask: Tensor) -> None:
     param = sp.param
     if tuple(mask.shape) != tuple(param.shape):
         raise ValueError(f"mask for {sp.name} has shape {tuple(mask.shape)}, the parameter {tuple(param.shape)}")
-    mask = mask.to(device=param.device, dtype=torch.bool)
+    if is_sharded(param) and not is_sharded(mask):   # a whole mask for an FSDP-sharded weight: keep our rows
+        mask = shard_like(mask.to(dtype=torch.bool), param)
+    else:
+        mask = mask.to(device=param.device, dtype=torch.bool)
     existing = sp.module._buffers.get(sp.attr + MASK_SUFFIX)
     if existing is not None:
-        existing.copy_(mask)
+        local(existing).copy_(local(mask))
     else:
         sp.module.register_buffer(sp.attr + MASK_SUFFIX, mask.clone(), persistent=True)
-    zero_outside_(param, sp.mask)
+    zero_outside_(local(param), local(sp.mask))
 
 
 def detach_masks(model: nn.Module) -> None:
@@ -208,7 +213,8 @@ class MaskSet:
 
     ``find`` lists the sparse parameters; it is called again only when the first one's
     buffer or parameter was replaced by a new tensor (``model.to(...)``,
-    ``load_state_dict(assign=True)``). Floating weights are enforced by a bitwise AND of their
+    ``load_state_dict(assign=True)``). FSDP-sharded weights and masks (DTensors) are enforced on
+    their local shards. Floating weights are enforced by a bitwise AND of their
     bits with a cached integer mask (all ones where active): as fast as a float multiply (about
     6x faster than a float-by-bool multiply on the CPU) and, unlike a multiply, NaN-safe. The
     cached masks are rebuilt whenever a mask's version counter shows an in-place change (an
@@ -221,16 +227,18 @@ class MaskSet:
 
     def refresh(self) -> None:
         self.sparse = self._find()
-        self.params = [sp.param for sp in self.sparse]
-        self.masks = [sp.mask for sp in self.sparse]
+        first = self.sparse[0] if self.sparse else None
+        self._first = (first.mask, first.param) if first is not None else None
+        self.params = [local(sp.param) for sp in self.sparse]
+        self.masks = [local(sp.mask) for sp in self.sparse]
         self._factors: tuple[list[int], list[Tensor]] | None = None
 
     def stale(self) -> bool:
         if not self.sparse:
             return False
         sp = self.sparse[0]
-        return self.masks[0] is not sp.module._buffers.get(sp.attr + MASK_SUFFIX) or \
-            self.params[0] is not sp.module._parameters.get(sp.attr)
+        return self._first[0] is not sp.module._buffers.get(sp.attr + MASK_SUFFIX) or \
+            self._first[1] is not sp.module._parameters.get(sp.attr)
 
     def factors(self) -> list[Tensor] | None:
         """The integer bit masks (None for inference-mode masks, which have no version counter)."""

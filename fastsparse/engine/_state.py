@@ -6,6 +6,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .fsdp import local_rows, whole_union
+
 __all__ = ["pack_bits", "unpack_bits", "engine_state", "load_engine_state"]
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -40,9 +42,19 @@ def engine_state(engine: Any) -> dict[str, Any]:
         "algorithms": [g.algorithm.state_dict() for g in engine.groups],
         "recipes": [g.recipe.state_dict() if g.recipe is not None else None for g in engine.groups],
         "finished": engine._finished,
-        "explored": {name: pack_bits(u) if u.dtype == torch.bool else u.clone() for name, u in engine._union.items()},
+        "explored": {name: pack_bits(_whole(engine, name, u)) if u.dtype == torch.bool else u.clone()
+                     for name, u in engine._union.items()},
         "execution": {c.name: c.execution for c in engine.choices},
     }
+
+
+def _masks(engine: Any) -> dict[str, Tensor]:
+    return {sp.name: sp.mask for sp in engine._sps if not getattr(sp, "compact", False)}
+
+
+def _whole(engine: Any, name: str, union: Tensor) -> Tensor:
+    """The explored positions of a whole layer (gathered from the shards under FSDP)."""
+    return whole_union(union, _masks(engine)[name]) if getattr(engine, "sharded", False) else union
 
 
 def load_engine_state(engine: Any, state: dict[str, Any]) -> None:
@@ -77,4 +89,8 @@ def load_engine_state(engine: Any, state: dict[str, Any]) -> None:
         if isinstance(saved, Tensor):
             engine._union[name] = saved.clone()
         else:
-            engine._union[name].copy_(unpack_bits(saved, engine._union[name]))
+            if getattr(engine, "sharded", False):
+                mask = _masks(engine)[name]
+                engine._union[name].copy_(local_rows(unpack_bits(saved, torch.empty(mask.shape)), mask))
+            else:
+                engine._union[name].copy_(unpack_bits(saved, engine._union[name]))

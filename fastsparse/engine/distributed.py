@@ -9,14 +9,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..core.errors import MaskDisagreement
+from ..core.sharded import TRAFFIC
+
 __all__ = ["is_distributed", "mask_checksums", "check_agreement", "MaskDisagreement"]
 
 _BIT_WEIGHTS = (1 << torch.arange(8)).to(torch.uint8)
 _WORDS = 4   # int64 words of each mask's SHA-256 compared across ranks (256 bits)
-
-
-class MaskDisagreement(RuntimeError):
-    """Ranks hold different masks: the replicas are no longer training the same network."""
 
 
 def is_distributed() -> bool:
@@ -56,6 +55,8 @@ def _min_max(t: Tensor) -> tuple[Tensor, Tensor]:
     hi, lo = t.clone(), t.clone()
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    TRAFFIC.add(hi)
+    TRAFFIC.add(lo)
     return lo.cpu(), hi.cpu()
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.masks import MASK_SUFFIX, SparseParam
+from ..core.sharded import global_count
 from ..core.sparse_linear import SparseLinear
 from .recipe import EntryPointRefused, recipe_class
 
@@ -119,7 +120,7 @@ class CompactParam:
 
 
 def active_count(sp: Any) -> int:
-    return sp.module.nnz if getattr(sp, "compact", False) else int(sp.mask.count_nonzero())
+    return sp.module.nnz if getattr(sp, "compact", False) else global_count(sp.mask)
 
 
 def numel_of(sp: Any) -> int:

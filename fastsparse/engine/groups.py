@@ -13,6 +13,7 @@ from ..algorithms.base import Setup, SparsityAlgorithm
 from ..core.masks import SparseParam, attach_mask, sparse_params
 from .checks import check_optimizer, check_targets
 from .execution import CompactParam, active_count, check_plan, compact_params, numel_of
+from .fsdp import check_fsdp, full_views, is_fsdp
 from .recipe import EntryPointRefused, Recipe, recipe_class
 
 log = logging.getLogger("fastsparse")
@@ -63,13 +64,18 @@ def build_groups(self: Any, algorithms: list[SparsityAlgorithm]) -> list[Group]:
     groups = [Group(alg, params, []) for alg, params in plans]
     _check_optimizer(self, groups)
     _make_recipes(self, groups)     # every recipe checks its entry point before anything changes
+    self.sharded = is_fsdp([sp for g in groups for sp in g.params])
+    if self.sharded:
+        check_fsdp(groups, self.execution)
     masks_of = []
     for g in groups:
         sparsities = g.algorithm.initial_sparsities(g.params)
         _check_targets(self, g, sparsities, existing)
         todo = [(sp, s) for sp, s in zip(g.params, sparsities) if sp.name not in existing]
         setup = _setup_for(self, g.algorithm, [sp for sp, _ in todo]) if todo else None
-        masks = g.algorithm.initial_masks([sp for sp, _ in todo], [s for _, s in todo], setup) if todo else []
+        chosen = [sp for sp, _ in todo]
+        chosen = full_views(g.algorithm, chosen) if self.sharded else chosen
+        masks = g.algorithm.initial_masks(chosen, [s for _, s in todo], setup) if todo else []
         masks_of.append((g, sparsities, todo, masks))
     if not self.attach_only:
         check_plan(groups, self.execution, self.optimizer)

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from ..core.schedules import Clock
+from ..core.sharded import count_like, global_count
 
 __all__ = ["report_rows", "final_targets"]
 
@@ -16,11 +17,11 @@ def report_rows(groups: Sequence[Any], clock: Clock, union: dict[str, Tensor]) -
     for g in groups:
         targets = g.algorithm.target_sparsities(g.params, clock) or g.targets
         for sp, t in zip(g.params, targets):
-            active = int(sp.mask.sum())
+            active = global_count(sp.mask)
             rows.append({"name": sp.name, "shape": tuple(sp.param.shape), "algorithm": g.algorithm.name,
                          "target_sparsity": float(t), "sparsity": 1 - active / sp.mask.numel(),
                          "active": active, "numel": sp.mask.numel(),
-                         "explored": int(union[sp.name].sum()) if sp.name in union else active})
+                         "explored": count_like(union[sp.name], sp.mask) if sp.name in union else active})
     return rows
 
 

@@ -24,13 +24,15 @@ import torch
 from torch import Tensor, nn
 
 from ..algorithms.base import MaskUpdate, SparsityAlgorithm, create
-from ..core.masks import MaskSet, SparseParam, sparse_params, zero_outside_
+from ..core.masks import MaskSet, SparseParam, n_keep, sparse_params, zero_outside_
 from ..core.schedules import Clock
+from ..core.sharded import count_like, local, total_like
 from ._state import engine_state, load_engine_state
 from .checks import HOOKED as _HOOKED, check_steps as _check_steps
 from .data import DataSource
 from .compact import arm, decide, install, lend, union
 from .distributed import check_agreement
+from .fsdp import check_sharded_agreement, sharded_update
 from .execution import OPTIMIZER_LATER, Choice, active_count, check_execution, check_plan, choose, numel_of, to_compact
 from .groups import Group, build_groups, held_params, sparsity_of
 from .handle import engine_hooks, mark_fresh
@@ -50,7 +52,8 @@ class Sparsifier:
     """Sparse training engine.
 
     Args:
-      model: the network (a DDP wrapper is looked through).
+      model: the network (a DDP wrapper is looked through; a ``fully_shard``-ed one works on its
+        shards, see :mod:`fastsparse.engine.fsdp`).
       optimizer: a ``torch.optim.Optimizer`` (hooks then drive everything), or any object with
         a ``state`` dict (fastai); None if you call :meth:`step` yourself.
       algorithm: an algorithm, a registered name, or a list of algorithms acting on
@@ -154,8 +157,11 @@ class Sparsifier:
         if not attach_only:
             self._execute(execution_batch)
         # ITOP: per sparse parameter, every position that has been active at some point
-        self._union: dict[str, Tensor] = {sp.name: sp.flat() if getattr(sp, "compact", False) else sp.mask.clone()
-                                          for sp in self._sps}
+        self._union: dict[str, Tensor] = {sp.name: sp.flat() if getattr(sp, "compact", False) else
+                                          local(sp.mask).clone() for sp in self._sps}
+        # sharded masks: the count each layer must hold, what the rank check compares
+        self._expected = {sp.name: n_keep(numel_of(sp), t) for g in self.groups
+                          for sp, t in zip(g.params, g.targets)} if self.sharded else {}
         if self.choices:
             self._arm(None if self.external_clock else self.clock().at(1))
         self._check_ranks()
@@ -270,6 +276,11 @@ class Sparsifier:
                     if new is not None:
                         plans.append((g, new))
                     continue
+                if self.sharded:
+                    new = sharded_update(g.algorithm, g.params, self.optimizer, clock, self.seed)
+                    if new is not None:
+                        plans.append((g, (new[0], None)))
+                    continue
                 new = g.algorithm.update_masks(g.params, self.optimizer, clock, self.seed)
                 if new is not None:
                     plans.append((g, self._checked(g, new)))
@@ -290,6 +301,8 @@ class Sparsifier:
                     g.algorithm.commit(lend(g.params), clock)
                 if g.recipe is not None:
                     g.recipe.after_update(clock)
+            if self.sharded:   # each rank counted the weights its shards grew
+                record["changed"] = total_like(record["changed"], self._sps[0].mask)
             record["changed_fraction"] = record["changed"] / max(1, record["active"])
             record["exploration_rate"] = self.exploration_rate()
             self.history.append(record)
@@ -314,7 +327,7 @@ class Sparsifier:
         """Install ``new``; zero dropped weights and the optimizer state of grown weights
         (``new & ~old``, inactive until now, so already 0; or the positions the algorithm names,
         whose values are zeroed too). Returns the number of grown weights."""
-        old = sp.mask
+        old = local(sp.mask)   # under FSDP: this rank's shard, like the new mask and the state below
         reset_values = grown is not None
         grown = (new & ~old) if grown is None else (grown.to(old.device) & new)
         n_changed = int(grown.count_nonzero())  # not sum(): a bool sum widens to int64, ~50x slower
@@ -322,17 +335,17 @@ class Sparsifier:
         union = self._union.get(sp.name)
         if union is not None:
             union |= old
-        p = sp.param
+        p = local(sp.param)
         zero_outside_(p, old)
         if n_changed:
             if reset_values:
                 p.masked_fill_(grown, 0)
             if self.zero_grown_state:
                 state = getattr(self.optimizer, "state", None)
-                st = state.get(p) if state is not None and hasattr(state, "get") else None
+                st = state.get(sp.param) if state is not None and hasattr(state, "get") else None
                 for value in (st or {}).values():
-                    if isinstance(value, Tensor) and value.shape == p.shape:
-                        value.masked_fill_(grown, 0)
+                    if isinstance(value, Tensor) and local(value).shape == p.shape:
+                        local(value).masked_fill_(grown, 0)
         return n_changed
 
     # --- what recipes (and drivers) may do ---------------------------------------------------
@@ -399,7 +412,10 @@ class Sparsifier:
         return self._finished
 
     def _check_ranks(self, step: int = 0) -> None:
-        if self.check_ranks:   # sparse execution is not offered under torch.distributed
+        if self.check_ranks and self.sharded:
+            check_sharded_agreement([sp.name for sp in self._sps], [sp.mask for sp in self._sps],
+                                    [self._expected[sp.name] for sp in self._sps], self.seed, step)
+        elif self.check_ranks:   # sparse execution is not offered under torch.distributed
             masked = [sp for sp in self._sps if not getattr(sp, "compact", False)]
             check_agreement([sp.name for sp in masked], [sp.mask for sp in masked], step)
 
@@ -413,7 +429,8 @@ class Sparsifier:
         (Liu et al. 2021): the fraction of the sparse weights that have been active at some point."""
         sizes = {sp.name: numel_of(sp) for sp in self._sps}
         total = sum(sizes.get(n, u.numel()) for n, u in self._union.items())
-        explored = sum(int(u.count_nonzero()) if u.dtype == torch.bool else u.numel() for u in self._union.values())
+        masks = {sp.name: sp.mask for sp in self._sps if not getattr(sp, "compact", False)}
+        explored = sum(count_like(u, masks[n]) if u.dtype == torch.bool else u.numel() for n, u in self._union.items())
         return explored / total if total else 1.0
 
     def report(self) -> list[dict[str, Any]]:

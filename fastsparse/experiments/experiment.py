@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..core.flops import LayerCost, layer_costs
+from ..core.sharded import is_sharded
 from ..algorithms.base import SparsityAlgorithm
 from ..core.schedules import Clock, Schedule, UpdateSchedule
 from ..engine.execution import ExecutionRefused
@@ -195,6 +196,8 @@ def prepare(config: ExperimentConfig | dict, load_data: bool = True, require_dat
     model.to(device)
     _check_fits(model, input_shape, num_classes, config.data.name)
     cost = layer_costs(model, input_shape)
+    if config.parallel == "fsdp":
+        _shard(model, config, notes)
     # under torchrun each rank takes batch_size examples of every global batch of batch_size · world
     steps_per_epoch = math.ceil(n_train / (config.data.batch_size * ranks()[1]))
     total_steps = steps_per_epoch * config.epochs
@@ -202,6 +205,9 @@ def prepare(config: ExperimentConfig | dict, load_data: bool = True, require_dat
     exp = Experiment(config, resolved, model, None, None, None, plan, tuple(input_shape), num_classes, n_train,
                      steps_per_epoch, total_steps, cost, [], data, notes, device)
     own = _own_phases(exp)
+    if own is not None and is_sharded(next(model.parameters(), None)):
+        raise ConfigError([Problem("parallel", f"is fsdp, but {exp.plan.algorithms[0].name} runs its own phases on "
+                                               "whole layers; use parallel: ddp for it")])
     if own is not None:
         if config.execution != "masked":
             _masked_only(exp, notes)
@@ -242,6 +248,24 @@ class _StepsOf(Schedule):
 
     def __call__(self, clock) -> float:
         return self.inner(Clock(clock.step, self.steps))
+
+
+def _shard(model: nn.Module, config: ExperimentConfig, notes: list[str]) -> None:
+    """``parallel: fsdp``: ``fully_shard`` every module that owns parameters, then the whole model
+    (each rank then holds one shard of every weight, mask and optimizer state)."""
+    if ranks()[1] == 1:
+        notes.append("parallel: fsdp shards the model over the ranks of torchrun; one process trains it whole")
+        return
+    if config.execution != "masked":
+        raise ConfigError([Problem("execution", f"is {config.execution!r}, which FSDP does not shard (sparse "
+                                                "execution stores Linear weights as their active values); use "
+                                                "execution: masked with parallel: fsdp (sparse execution runs in one process)")])
+    from torch.distributed.fsdp import fully_shard
+
+    for module in list(model.modules())[1:]:
+        if any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module)
+    fully_shard(model)
 
 
 def _own_phases(exp: Experiment) -> list[Phase] | None:

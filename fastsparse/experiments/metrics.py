@@ -14,6 +14,7 @@ from torch import nn
 
 from ..core.flops import forward_flops, training_flops, training_rule
 from ..core.masks import select_params
+from ..core.sharded import global_count, is_sharded
 from ..core.sparse_linear import weight_masks
 from .config import config_hash
 from .data import Data
@@ -58,7 +59,11 @@ def _density_per_layer(model: nn.Module, exp: Any) -> dict[str, float]:
         names = [r.name for r in exp.plan.rows if r.algorithm is not None]
     else:
         names = [sp.name for sp in select_params(model)]
-    return {n: (float(masks[n].float().mean()) if n in masks else 1.0) for n in names}
+    return {n: _density(masks[n]) if n in masks else 1.0 for n in names}
+
+
+def _density(mask: torch.Tensor) -> float:
+    return global_count(mask) / mask.numel() if is_sharded(mask) else float(mask.float().mean())
 
 
 class Progress:
@@ -169,7 +174,7 @@ def summary(exp: Any, sp: Any, metrics: list[dict[str, Any]], acc: dict[str, Any
         "flops_rule": rule, "forward_flops_dense": f_dense, "forward_flops_sparse": forward_flops(exp.model, exp.cost),
         "mask_updates": len(sp.history) if sp is not None else 0,
         "itop_rate": last["itop_rate"],
-        "sparse_params": total, "active_params": sum(int(m.sum()) for m in masks_of(exp.model).values()),
+        "sparse_params": total, "active_params": sum(global_count(m) for m in masks_of(exp.model).values()),
         "epochs": epochs, "steps": epochs * exp.steps_per_epoch, "seed": exp.config.seed,
         "run_dir": str(run_dir), "hash": config_hash(exp.resolved), "config": exp.resolved,
     }

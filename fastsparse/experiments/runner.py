@@ -27,7 +27,9 @@ from torch import nn
 
 from ..core.flops import forward_flops
 from ..core.schedules import Clock
+from ..core.sharded import is_sharded
 from ..core.sparse_linear import dense_state_dict
+from ..engine.fsdp import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from ..recipes.base import PhaseParts, RunContext
 from .config import ExperimentConfig, config_hash
 from .experiment import Experiment, make_optimizer, prepare, ranks, train_batches
@@ -176,12 +178,16 @@ class _Phase:
 
     def state(self) -> dict[str, Any]:
         sp = self.parts.sparsifier
-        return {"phase": self.index, "optimizer": self.parts.optimizer.state_dict(),
+        opt = self.parts.optimizer
+        return {"phase": self.index, "optimizer": full_optimizer_state(opt) if _sharded(opt) else opt.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "sparsifier": sp.state_dict() if sp is not None else None,
                 "phase_state": self.parts.state()}
 
     def load(self, state: dict[str, Any]) -> None:
-        self.parts.optimizer.load_state_dict(state["optimizer"])
+        if _sharded(self.parts.optimizer):
+            load_full_optimizer_state(self.parts.optimizer, state["optimizer"])
+        else:
+            self.parts.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.parts.sparsifier is not None:
             self.parts.sparsifier.load_state_dict(state["sparsifier"])
@@ -243,7 +249,10 @@ def _resume(exp: Experiment, ctx: RunContext, state: dict[str, Any], path: Path,
     try:
         current = _Phase(exp, state["phase"], exp.phases[state["phase"]].start(ctx, state["phase_state"]), first_epoch)
         check_fit(state, exp.model, current.parts.optimizer, path)
-        exp.model.load_state_dict(state["model"])
+        if _sharded(exp.model):   # a whole state: each rank takes its rows
+            load_full_model_state(exp.model, state["model"])
+        else:
+            exp.model.load_state_dict(state["model"])
         current.load(state)
         torch.set_rng_state(state["torch_rng"])
     except ResumeError:
@@ -252,6 +261,19 @@ def _resume(exp: Experiment, ctx: RunContext, state: dict[str, Any], path: Path,
         raise ResumeError(f"{path} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
             from None
     return current
+
+
+def _sharded(holder: Any) -> bool:
+    """A model (or the optimizer of one) sharded by ``parallel: fsdp``."""
+    params = holder.parameters() if isinstance(holder, nn.Module) else \
+        (p for g in holder.param_groups for p in g["params"])
+    return is_sharded(next(iter(params), None))
+
+
+def _model_state(model: nn.Module, whole: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """What checkpoints and ``model.pt`` hold: ``whole()``, or a sharded model gathered (on every
+    rank, since gathering is a collective; rank 0 writes it)."""
+    return full_model_state(model) if _sharded(model) else whole()
 
 
 def _label_of(exp: Experiment) -> str:
@@ -273,7 +295,7 @@ def _epoch(exp: Experiment, current: _Phase, epoch: int, order: torch.Generator,
     rank, world = ranks()
     device = exp.device
     net = net_module
-    if world > 1 and any(p.requires_grad for p in net_module.parameters()):
+    if world > 1 and not _sharded(net_module) and any(p.requires_grad for p in net_module.parameters()):
         from torch.nn.parallel import DistributedDataParallel
         # masks are buffers kept equal by the engine (and checked at every update): not broadcast
         net = DistributedDataParallel(net_module, device_ids=[device] if device.type == "cuda" else None,
@@ -357,7 +379,7 @@ def _sum_over_ranks(*values: float) -> list[float]:
 def _checkpoint(run_dir: Path, exp: Experiment, current: _Phase, epoch: int, order: torch.Generator,
                 metrics: list[dict[str, Any]], updates: list[dict[str, Any]], acc: dict[str, Any]) -> None:
     """Everything a resumed run needs to continue bit for bit, written atomically."""
-    state = {"epoch": epoch, "model": exp.model.state_dict(), **current.state(), "data_rng": order.get_state(),
+    state = {"epoch": epoch, "model": _model_state(exp.model, exp.model.state_dict), **current.state(), "data_rng": order.get_state(),
              "torch_rng": torch.get_rng_state(), "metrics": metrics, "updates": updates, "accumulators": acc,
              "config_hash": config_hash(exp.resolved), "config": exp.resolved}
     save_checkpoint(state, run_dir / "checkpoint.pt")
@@ -369,7 +391,7 @@ def _finish(exp: Experiment, sparsifier: Any, run_dir: Path, metrics: list[dict[
     result = summary(exp, sparsifier, metrics, acc, f_dense, run_dir)
     if (run_dir / "execution.json").is_file():
         result["execution"] = json.loads((run_dir / "execution.json").read_text())
-    atomic_save(dense_state_dict(exp.model), run_dir / "model.pt")   # masked form, whatever the execution
+    atomic_save(_model_state(exp.model, lambda: dense_state_dict(exp.model)), run_dir / "model.pt")   # masked form, whatever the execution
     atomic_write(run_dir / "summary.json", json.dumps(result, indent=1))
     log.info("%s: test accuracy %.4f, sparsity %.4f, %.1f s -> %s", result["method"], result["test_accuracy"],
              result["sparsity"], result["train_seconds"], run_dir)

@@ -211,6 +211,8 @@ def resolve_config(config: ExperimentConfig) -> dict[str, Any]:
     data.pop("batch_size", None)
     if data.get("execution") == "masked":
         data.pop("execution")   # the default, left out so that run folders of earlier versions keep their hash
+    if data.get("parallel") == "ddp":
+        data.pop("parallel")    # the same
     for name, kind in (("data", "data"), ("model", "model")):
         params = component_parameters(kind, data[name]["name"]) or {}
         for key, p in params.items():

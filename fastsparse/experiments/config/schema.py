@@ -153,6 +153,9 @@ class ExperimentConfig(Spec):
     # masked: dense weights and masks; sparse: every Linear weight that can trains in compact form;
     # auto: per layer, where a calibration on this machine measures it faster (fastsparse.engine.execution)
     execution: Literal["masked", "sparse", "auto"] = "masked"
+    # under torchrun: ddp (every rank a replica) or fsdp (fully_shard: each rank holds a shard of every
+    # weight, mask and optimizer state; fastsparse.engine.fsdp)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     sparsity: SparsityField | None = None
 
     @field_validator("device")
