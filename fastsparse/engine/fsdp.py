@@ -29,16 +29,20 @@ from torch import Tensor
 
 from ..algorithms.base import SparsityAlgorithm, generator_for
 from ..algorithms.dst import DST
+from ..algorithms.gmp import GMP
 from ..core.errors import MaskDisagreement
-from ..core.masks import SparseParam
+from ..core.masks import SparseParam, n_keep
 from ..core.schedules import Clock
 from ..core.scores import accepts_generator, checked_score
-from ..core.sharded import TRAFFIC, global_count, is_sharded, local, shard_like, shard_rows, sharded_topk_among
+from ..core.sharded import (
+    TRAFFIC, global_count, is_sharded, local, shard_like, shard_rows, sharded_first_max, sharded_topk_among,
+    sharded_topk_over, totals_like,
+)
 from .recipe import EntryPointRefused
 
 __all__ = ["is_fsdp", "check_fsdp", "full_views", "localized", "sharded_update", "check_sharded_agreement",
            "shard_digest", "full_model_state", "full_optimizer_state", "load_full_model_state",
-           "load_full_optimizer_state", "whole_union", "local_rows"]
+           "load_full_optimizer_state", "whole_union", "local_rows", "sharded_select_masks"]
 
 
 def is_fsdp(params: Sequence[Any]) -> bool:
@@ -61,6 +65,8 @@ def _supported(alg: SparsityAlgorithm) -> str | None:
         if type(alg).update_masks is not DST.update_masks or type(alg).initial_masks is not DST.initial_masks:
             return f"{type(alg).__name__} overrides how masks are chosen"
         return None
+    if type(alg) is GMP:
+        return f"granularity={alg.granularity!r} (use 'weight')" if alg.granularity != "weight" else None
     return "it is not one of the methods offered under FSDP"
 
 
@@ -81,7 +87,7 @@ def check_fsdp(groups: Sequence[Any], execution: Any) -> None:
             raise EntryPointRefused(
                 f"{g.algorithm.name} does not run on FSDP-sharded weights: {why or 'its recipe works on whole layers'}."
                 " Under FSDP use static masks, set, rigl or dst (drop_rule='keep_score', no redistribution, "
-                "no balance), or train this method with DDP")
+                "no balance), or gmp (granularity 'weight'), or train this method with DDP")
 
 
 class _FullView:
@@ -119,11 +125,14 @@ def _local_score(fn: Any, sp: SparseParam, optimizer: Any, seed: int, step: int,
 @torch.no_grad()
 def sharded_update(alg: SparsityAlgorithm, params: Sequence[SparseParam], optimizer: Any, clock: Clock,
                    seed: int) -> tuple[list[Tensor], list[int]] | None:
-    """:meth:`DST.update_masks` on the shards: the local new masks and each layer's expected count.
+    """:meth:`DST.update_masks` or :meth:`GMP.update_masks` on the shards: the local new masks and
+    each layer's expected count.
 
-    Per layer, as on one process: a = active count, d = floor(f · a); keep the a − d active
+    DST, per layer, as on one process: a = active count, d = floor(f · a); keep the a − d active
     weights with the largest keep score; grow d among the others by the grow score.
     """
+    if type(alg) is GMP:
+        return _gmp_update(alg, params, clock)
     if not isinstance(alg, DST):
         return None
     f = float(alg.drop_fraction(clock))
@@ -141,6 +150,55 @@ def sharded_update(alg: SparsityAlgorithm, params: Sequence[SparseParam], optimi
         out.append(kept | grown)
         counts.append(a)
     return out, counts
+
+
+def _biased(score: Tensor, active: Tensor, grow: bool) -> Tensor:
+    """As one process keeps pruning nested: shrinking, inactive weights last (−inf); growing, every
+    active weight first (+inf)."""
+    inf = torch.tensor(float("inf"), dtype=score.dtype, device=score.device)
+    return torch.where(active, inf, score) if grow else torch.where(active, score, -inf)
+
+
+def sharded_select_masks(scores: Sequence[Tensor], masks: Sequence[Tensor], sparsity: float | Sequence[float],
+                         scope: str, likes: Sequence[Tensor]) -> tuple[list[Tensor], list[int]]:
+    """:func:`~fastsparse.core.structured.select_masks` at weight granularity (nested in ``masks``,
+    global scope with each layer's best weight reserved) on local shards of tensors sharded like
+    ``likes``: this rank's parts of the masks one process computes, and the count of each.
+    Local: per layer k = n_keep(N, s_l), the k largest biased scores. Global: k = max(n_keep(Σ N,
+    s), the number of reserved weights), over every layer at once."""
+    likes = list(likes)
+    scores = [sc.to(torch.float32) for sc in scores]
+    actives = totals_like([int(m.count_nonzero()) for m in masks], likes[0])
+    numels = [like.numel() for like in likes]
+    if scope == "global":
+        total, n_active = sum(numels), sum(actives)
+        target = n_keep(total, float(sparsity))
+        biased = [_biased(sc, m, target > n_active) for sc, m in zip(scores, masks)]
+        reserved, n_reserved = sharded_first_max(biased, likes)
+        biased = [torch.where(r, torch.tensor(float("inf")), b) for r, b in zip(reserved, biased)]
+        new = sharded_topk_over(biased, min(total, max(target, n_reserved)), likes)
+        return new, totals_like([int(n.count_nonzero()) for n in new], likes[0])
+    sps = [float(sparsity)] * len(likes) if isinstance(sparsity, (int, float)) else [float(x) for x in sparsity]
+    counts = [n_keep(n, x) for n, x in zip(numels, sps)]
+    new = [sharded_topk_among(_biased(sc, m, k > a), torch.ones_like(m), k, like)
+           for sc, m, k, a, like in zip(scores, masks, counts, actives, likes)]
+    return new, counts
+
+
+def _gmp_update(alg: GMP, params: Sequence[SparseParam], clock: Clock) -> tuple[list[Tensor], list[int]] | None:
+    """:meth:`GMP.prune` on the shards, None when no layer's count changes (as one process)."""
+    likes = [sp.param for sp in params]
+    masks = [local(sp.mask) for sp in params]
+    scores = [local(sp.param).detach().abs() for sp in params]
+    actives = totals_like([int(m.count_nonzero()) for m in masks], likes[0])
+    numels = [sp.param.numel() for sp in params]
+    targets = alg.target_sparsities(params, clock)
+    if alg.scope == "global":
+        sparsity: float | list[float] = max(targets[0], 1.0 - sum(actives) / sum(numels))
+    else:
+        sparsity = [max(t, 1.0 - a / n) for t, a, n in zip(targets, actives, numels)]
+    new, counts = sharded_select_masks(scores, masks, sparsity, alg.scope, likes)
+    return None if counts == actives else (new, counts)
 
 
 def shard_digest(name: str, mask: Tensor) -> bytes:
