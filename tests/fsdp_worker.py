@@ -96,10 +96,10 @@ def train(model, engine, opt, net: str, part=None) -> list[dict[str, torch.Tenso
 def _settings(method: str) -> tuple[str, dict]:
     """(the algorithm, its settings): gmp prunes from dense to 0.9 (every 10 steps until 75 %),
     per layer on ERK's curves (gmp) or with one threshold (gmpglobal)."""
-    if method.startswith("gmp"):
-        scope = "global" if method == "gmpglobal" else "local"
-        return "gmp", dict(sparsity=0.9, freq=FREQ, end=0.75, scope=scope,
-                           **({"distribution": "erk"} if scope == "local" else {}))
+    if method.startswith(("gmp", "granet")):
+        scope = "global" if method.endswith("global") else "local"
+        return method.replace("global", ""), dict(sparsity=0.9, freq=FREQ, end=0.75, scope=scope,
+                                                  **({"distribution": "erk"} if scope == "local" else {}))
     kw = dict(sparsity=0.9, distribution="erk")
     if method != "static":
         kw["update"] = sparse.UpdateSchedule(freq=FREQ, stop=0.75)
@@ -127,7 +127,8 @@ def agree(rank: int, world: int) -> dict:
     out = {}
     for method, net, split in (("static", "mlp", False), ("set", "mlp", False), ("rigl", "mlp", False),
                                ("set", "cnn", False), ("rigl", "cnn", False), ("rigl", "mlp", True),
-                               ("gmp", "mlp", False), ("gmpglobal", "mlp", False), ("gmpglobal", "cnn", False)):
+                               ("gmp", "mlp", False), ("gmpglobal", "mlp", False), ("gmpglobal", "cnn", False),
+                               ("granet", "mlp", False), ("granetglobal", "cnn", False)):
         out[f"{method}-{net}-{'split' if split else 'same'}"] = run(method, net, split, rank, world)
     return out
 
@@ -254,12 +255,12 @@ def diverge(rank: int, world: int) -> dict:
 
 def refuse(rank: int, world: int) -> dict:
     out = {}
-    for label, alg, kw in (("sparse", "rigl", {"execution": "sparse"}), ("granet", "granet", {}),
-                           ("set_drop", "set", {})):
+    for label, alg, kw in (("sparse", "rigl", {"execution": "sparse"}), ("snip", "snip", {}),
+                           ("gmp_rows", "gmp", {}), ("set_drop", "set", {})):
         _, model = build("mlp")
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         before = {k: local(v).clone() for k, v in model.state_dict().items()}
-        extra = {"drop_rule": "set"} if label == "set_drop" else {}
+        extra = {"set_drop": {"drop_rule": "set"}, "gmp_rows": {"granularity": "row"}}.get(label, {})
         try:
             sparse.Sparsifier(model, opt, sparse.create(alg, sparsity=0.9, **extra), total_steps=STEPS, **kw)
             out[label] = {"refused": False, "message": ""}

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..algorithms.base import SparsityAlgorithm, generator_for
 from ..algorithms.dst import DST
-from ..algorithms.gmp import GMP
+from ..algorithms.gmp import GMP, GraNet
 from ..core.errors import MaskDisagreement
 from ..core.masks import SparseParam, n_keep
 from ..core.schedules import Clock
@@ -65,7 +65,7 @@ def _supported(alg: SparsityAlgorithm) -> str | None:
         if type(alg).update_masks is not DST.update_masks or type(alg).initial_masks is not DST.initial_masks:
             return f"{type(alg).__name__} overrides how masks are chosen"
         return None
-    if type(alg) is GMP:
+    if type(alg) in (GMP, GraNet):
         return f"granularity={alg.granularity!r} (use 'weight')" if alg.granularity != "weight" else None
     return "it is not one of the methods offered under FSDP"
 
@@ -87,7 +87,7 @@ def check_fsdp(groups: Sequence[Any], execution: Any) -> None:
             raise EntryPointRefused(
                 f"{g.algorithm.name} does not run on FSDP-sharded weights: {why or 'its recipe works on whole layers'}."
                 " Under FSDP use static masks, set, rigl or dst (drop_rule='keep_score', no redistribution, "
-                "no balance), or gmp (granularity 'weight'), or train this method with DDP")
+                "no balance), gmp or granet (granularity 'weight'), or train this method with DDP")
 
 
 class _FullView:
@@ -124,14 +124,15 @@ def _local_score(fn: Any, sp: SparseParam, optimizer: Any, seed: int, step: int,
 
 @torch.no_grad()
 def sharded_update(alg: SparsityAlgorithm, params: Sequence[SparseParam], optimizer: Any, clock: Clock,
-                   seed: int) -> tuple[list[Tensor], list[int]] | None:
-    """:meth:`DST.update_masks` or :meth:`GMP.update_masks` on the shards: the local new masks and
-    each layer's expected count.
+                   seed: int) -> tuple[list[Tensor], list[int], list[Tensor] | None] | None:
+    """:meth:`DST.update_masks`, :meth:`GMP.update_masks` or :meth:`GraNet.update_masks` on the
+    shards: the local new masks, each layer's expected count and the positions grown (None: the
+    new active ones).
 
     DST, per layer, as on one process: a = active count, d = floor(f · a); keep the a − d active
     weights with the largest keep score; grow d among the others by the grow score.
     """
-    if type(alg) is GMP:
+    if type(alg) in (GMP, GraNet):
         return _gmp_update(alg, params, clock)
     if not isinstance(alg, DST):
         return None
@@ -149,7 +150,7 @@ def sharded_update(alg: SparsityAlgorithm, params: Sequence[SparseParam], optimi
         grown = sharded_topk_among(grow.to(torch.float32), ~kept, d, sp.param)
         out.append(kept | grown)
         counts.append(a)
-    return out, counts
+    return out, counts, None
 
 
 def _biased(score: Tensor, active: Tensor, grow: bool) -> Tensor:
@@ -185,8 +186,11 @@ def sharded_select_masks(scores: Sequence[Tensor], masks: Sequence[Tensor], spar
     return new, counts
 
 
-def _gmp_update(alg: GMP, params: Sequence[SparseParam], clock: Clock) -> tuple[list[Tensor], list[int]] | None:
-    """:meth:`GMP.prune` on the shards, None when no layer's count changes (as one process)."""
+def _gmp_update(alg: GMP, params: Sequence[SparseParam],
+                clock: Clock) -> tuple[list[Tensor], list[int], list[Tensor] | None] | None:
+    """:meth:`GMP.prune` on the shards, None when no layer's count changes (as one process); for
+    GraNet then, per layer, n = ceil(r_t · a) of the a weights left: keep the a − n largest |w|,
+    grow n by |gradient| among the others (the grown ones named: zeroed, even one just pruned)."""
     likes = [sp.param for sp in params]
     masks = [local(sp.mask) for sp in params]
     scores = [local(sp.param).detach().abs() for sp in params]
@@ -198,7 +202,22 @@ def _gmp_update(alg: GMP, params: Sequence[SparseParam], clock: Clock) -> tuple[
     else:
         sparsity = [max(t, 1.0 - a / n) for t, a, n in zip(targets, actives, numels)]
     new, counts = sharded_select_masks(scores, masks, sparsity, alg.scope, likes)
-    return None if counts == actives else (new, counts)
+    if not isinstance(alg, GraNet):
+        return None if counts == actives else (new, counts, None)
+    r = float(alg.regrow_fraction(clock))
+    if r <= 0:
+        return new, counts, None
+    out, grown = [], []
+    for sp, pruned, a, like in zip(params, new, counts, likes):
+        if sp.param.grad is None:
+            raise RuntimeError(f"GraNet regrows by gradient, but {sp.name}.grad is None: the engine must "
+                               "update masks after loss.backward() and before zero_grad()")
+        n = int(math.ceil(r * a))
+        kept = sharded_topk_among(local(sp.param).detach().abs().to(torch.float32), pruned, a - n, like)
+        grow = sharded_topk_among(local(sp.param.grad).detach().abs().to(torch.float32), ~kept, n, like)
+        out.append(kept | grow)
+        grown.append(grow & ~pruned)
+    return out, counts, grown
 
 
 def shard_digest(name: str, mask: Tensor) -> bytes:
