@@ -9,7 +9,8 @@
   of the interrupted run folder: one with a flipped byte in rank 1's shard, one holding the
   checkpoint of another config (seed 1, interrupted after epoch 1); the exit code, the output
   and a digest of every file of the folder before and after are recorded;
-* the run with ``parallel: ddp``.
+* the run with ``parallel: ddp``;
+* GraNet (global) for 2 epochs, whole and interrupted after epoch 1, then resumed.
 
 Rank 0 writes the run folders under ``--out``; every rank writes ``rank<r>.json`` with what it saw."""
 from __future__ import annotations
@@ -33,6 +34,10 @@ CFG = {"seed": 0, "epochs": 4, "device": "cpu", "model": {"name": "mlp", "sizes"
        "data": {"name": "digits", "batch_size": 32}, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
        "parallel": "fsdp",
        "sparsity": {"algorithm": "rigl", "sparsity": 0.9, "distribution": "erk", "update": {"freq": 10, "stop": 0.75}}}
+
+
+GRANET = {**CFG, "epochs": 2, "sparsity": {"algorithm": "granet", "sparsity": 0.9, "scope": "global", "freq": 5,
+                                          "end": 0.75}}
 
 
 def stop_after(epoch: int):
@@ -113,7 +118,11 @@ def main() -> None:
         seen["kept"] = (run_dir / "metrics.jsonl").read_text().splitlines()[:2] == first_two and len(first_two) == 2
         seen["leftovers"] = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint"))
         ddp = run({**CFG, "parallel": "ddp"}, out / "ddp", progress=False)
-        seen.update(whole=whole["run_dir"], resumed=resumed["run_dir"], ddp=ddp["run_dir"])
+        granet = run(GRANET, out / "granet", progress=False)
+        seen["interrupted"] &= interrupted(GRANET, out / "granet_resumed", 1)
+        granet_resumed = run(GRANET, out / "granet_resumed", resume=True, progress=False)
+        seen.update(whole=whole["run_dir"], resumed=resumed["run_dir"], ddp=ddp["run_dir"], granet=granet["run_dir"],
+                    granet_resumed=granet_resumed["run_dir"])
         with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
             json.dump(seen, f)
     except BaseException:

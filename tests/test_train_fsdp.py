@@ -2,7 +2,8 @@
 ``fully_shard``-ed model, with sharded checkpoints (``checkpoint.dcp``, nothing gathered). The run
 equals the DDP run bit for bit (same weights, masks and metrics); a run interrupted after epoch 2,
 left as a process killed between the renames of a checkpoint write leaves it, and resumed ends
-where the whole run ends, bit for bit, with the leftovers removed; ``fastsparse train --resume``
+where the whole run ends, bit for bit, with the leftovers removed (and a GraNet run resumed after
+epoch 1 too); ``fastsparse train --resume``
 refuses a corrupted shard and another config's checkpoint in one line, the folder unchanged;
 ``fastsparse export`` reads the 2-rank run folder in one process. In one process the key trains
 the model whole, with a note. The worker is tests/fsdp_train_worker.py (one launch, ~25 s)."""
@@ -43,7 +44,8 @@ def runs(tmp_path_factory):
     assert proc.returncode == 0 and not errors, f"{errors}\n{stderr[-4000:]}"
     seen = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert seen[0] == seen[1] and seen[0]["interrupted"]
-    return {k: Path(v) if k in ("whole", "resumed", "ddp") else v for k, v in seen[0].items()}
+    return {k: Path(v) if k in ("whole", "resumed", "ddp", "granet", "granet_resumed") else v
+            for k, v in seen[0].items()}
 
 
 def _model(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -78,6 +80,14 @@ def test_resumed_fsdp_run_ends_bit_for_bit_where_the_whole_run_ends(runs):
     assert _same(_model(runs["resumed"]), _model(runs["whole"]))
     assert _metrics(runs["resumed"]) == _metrics(runs["whole"])
     assert (runs["resumed"] / "updates.jsonl").read_text() == (runs["whole"] / "updates.jsonl").read_text()
+
+
+def test_resumed_granet_run_under_fsdp_ends_bit_for_bit_where_the_whole_run_ends(runs):
+    assert _same(_model(runs["granet_resumed"]), _model(runs["granet"]))
+    assert _metrics(runs["granet_resumed"]) == _metrics(runs["granet"])
+    updates = (runs["granet"] / "updates.jsonl").read_text()
+    assert updates == (runs["granet_resumed"] / "updates.jsonl").read_text() and len(updates.splitlines()) == 7
+    assert json.loads((runs["granet"] / "summary.json").read_text())["sparsity"] == pytest.approx(0.9, abs=1e-4)
 
 
 def test_resume_refuses_a_corrupted_shard_and_another_configs_checkpoint_in_one_line(runs):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..engine.sharded_checkpoint import (
     MANIFEST, ShardedCheckpointError, load_sharded, manifest_extra, read_manifest, save_sharded,
@@ -93,6 +94,9 @@ def save_run_checkpoint(run_dir: Path, model: Any, optimizer: Any, sparsifier: A
     except OSError as e:
         raise RunFolderError(f"cannot write {final}: {e.strerror or e} (the previous checkpoint, if any, is "
                              "intact)") from e
+    except CheckpointException as e:   # DCP's own (a BaseException): a rank could not write its shards
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise RunFolderError(f"cannot write {final}: {first} (the previous checkpoint, if any, is intact)") from None
     _barrier()
 
 
