@@ -116,6 +116,26 @@ def test_two_rank_run_folder_exports_in_one_process(runs, tmp_path):
     assert _same({k: back[k] for k in state}, state)
 
 
+def test_export_refuses_a_corrupted_shard_in_one_line(runs, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fastsparse.experiments.cli import app
+
+    copy = tmp_path / "run"
+    shutil.copytree(runs["whole"], copy)
+    shard = copy / "checkpoint.dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x04
+    shard.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["export", str(copy), "--out", str(tmp_path / "m.safetensors")])
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "__0_0.distcp does not match its checksum" in lines[0], \
+        result.output
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_parallel_fsdp_in_one_process_trains_the_model_whole_and_says_so():
     from fastsparse.experiments.experiment import prepare
     from fsdp_train_worker import CFG

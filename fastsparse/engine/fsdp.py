@@ -11,6 +11,10 @@ the weight, see :mod:`fastsparse.core.sharded`), of its gradient and of its opti
   ``drop_rule="keep_score"`` and no redistribution): per layer, one all_reduce of the active
   count, then two exact selections (drop, grow), each a few all_reduces of 256 counts
   (:func:`~fastsparse.core.sharded.sharded_topk_among`). No layer is gathered.
+* Gradual pruning (GMP, GraNet; weight granularity, local or global scope): one process's
+  ``select_masks`` on the shards (:func:`sharded_select_masks`: global scope selects over every
+  layer's shards at once, each layer's best weight reserved); GraNet then drops and grows per
+  layer as RigL does.
 * The rank check: the masks have no replica to compare, so the ranks compare what they must
   agree on: per layer, the name, global shape, the seed, the count this rank expects the layer
   to hold, the count the shards hold together and the SHA-256 of the shards' digests in rank order.

@@ -16,7 +16,9 @@ one process (DCP reshards):
 4. everything is read into fresh tensors first; only then are the model, optimizer and engine
    changed, and the masks' counts are checked against the manifest.
 
-Non-tensor state never goes through DCP (it would be pickled): it travels in the manifest.
+Non-tensor state never goes through DCP (it would be pickled): it travels in the manifest, with
+the caller's ``extra`` (a runner's counters). :func:`read_sharded_model` reads the model state
+whole in one process with no model built (an export), verified the same way.
 """
 from __future__ import annotations
 
