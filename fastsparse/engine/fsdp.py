@@ -39,14 +39,13 @@ from ..core.masks import SparseParam, n_keep
 from ..core.schedules import Clock
 from ..core.scores import accepts_generator, checked_score
 from ..core.sharded import (
-    TRAFFIC, global_count, is_sharded, local, shard_like, shard_rows, sharded_first_max, sharded_topk_among,
+    TRAFFIC, global_count, is_sharded, local, shard_rows, sharded_first_max, sharded_topk_among,
     sharded_topk_over, totals_like,
 )
 from .recipe import EntryPointRefused
 
 __all__ = ["is_fsdp", "check_fsdp", "full_views", "localized", "sharded_update", "check_sharded_agreement",
-           "shard_digest", "full_model_state", "full_optimizer_state", "load_full_model_state",
-           "load_full_optimizer_state", "whole_union", "local_rows", "sharded_select_masks"]
+           "shard_digest", "full_model_state", "whole_union", "local_rows", "sharded_select_masks"]
 
 
 def is_fsdp(params: Sequence[Any]) -> bool:
@@ -281,7 +280,7 @@ def check_sharded_agreement(names: Sequence[str], masks: Sequence[Tensor], expec
     return digests
 
 
-# --- whole state (checkpoints of the run folder, exports) -------------------------------------
+# --- whole state (comparisons in tests, the explored positions of the engine state) ------------
 def _whole(value: Any) -> Any:
     return value.full_tensor().detach().cpu() if is_sharded(value) else value
 
@@ -289,40 +288,6 @@ def _whole(value: Any) -> Any:
 def full_model_state(model: Any) -> dict[str, Tensor]:
     """``model.state_dict()`` with every sharded tensor gathered whole (a collective: call it on every rank)."""
     return {k: _whole(v) for k, v in model.state_dict().items()}
-
-
-def full_optimizer_state(optimizer: Any) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with every sharded state gathered whole (every rank, same order)."""
-    sd = optimizer.state_dict()
-    state = {pid: {k: _whole(v) for k, v in entry.items()} for pid, entry in sd["state"].items()}
-    return {**sd, "state": state}
-
-
-@torch.no_grad()
-def load_full_model_state(model: Any, state: dict[str, Tensor]) -> None:
-    """Copy a whole state into a sharded model: each rank its rows (no collective). Into the tensors
-    themselves (``keep_vars``): a detached alias would leave the masks' version counters, which
-    the hot path's cache watches, unchanged."""
-    own = model.state_dict(keep_vars=True)
-    unknown = sorted(set(own) ^ set(state))
-    if unknown:
-        raise ValueError(f"the saved state does not fit the model at {unknown[:5]}")
-    for k, v in own.items():
-        if is_sharded(v):
-            start, n = shard_rows(v)
-            local(v).copy_(state[k].narrow(0, start, n))
-        else:
-            v.copy_(state[k])
-
-
-def load_full_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
-    """Load a whole optimizer state into the optimizer of a sharded model (each rank its rows)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    ids = [i for g in state["param_groups"] for i in g["params"]]
-    by_id = dict(zip(ids, params))
-    shaped = {pid: {k: shard_like(v, by_id[pid]) if is_sharded(by_id[pid]) and isinstance(v, Tensor) and v.dim() > 0
-                    else v for k, v in entry.items()} for pid, entry in state["state"].items()}
-    optimizer.load_state_dict({**state, "state": shaped})
 
 
 def whole_union(union: Tensor, like: Tensor) -> Tensor:
