@@ -74,7 +74,7 @@ def measure(case: str, repeats: int) -> dict:
     clock = Clock(1, 10_000)
 
     def update():
-        new, counts = sharded_update(alg, params, opt, clock, 0)
+        new, counts, _ = sharded_update(alg, params, opt, clock, 0)
         check_sharded_agreement([sp.name for sp in params], [sp.mask for sp in params], counts, 0, 1)
 
     update()   # warm

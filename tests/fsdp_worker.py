@@ -93,11 +93,22 @@ def train(model, engine, opt, net: str, part=None) -> list[dict[str, torch.Tenso
     return seen + [full_masks(model)]
 
 
-def run(method: str, net: str, split: bool, rank: int, world: int) -> dict:
-    ref, model = build(net)
+def _settings(method: str) -> tuple[str, dict]:
+    """(the algorithm, its settings): gmp prunes from dense to 0.9 (every 10 steps until 75 %),
+    per layer on ERK's curves (gmp) or with one threshold (gmpglobal)."""
+    if method.startswith(("gmp", "granet")):
+        scope = "global" if method.endswith("global") else "local"
+        return method.replace("global", ""), dict(sparsity=0.9, freq=FREQ, end=0.75, scope=scope,
+                                                  **({"distribution": "erk"} if scope == "local" else {}))
     kw = dict(sparsity=0.9, distribution="erk")
     if method != "static":
         kw["update"] = sparse.UpdateSchedule(freq=FREQ, stop=0.75)
+    return method, kw
+
+
+def run(method: str, net: str, split: bool, rank: int, world: int) -> dict:
+    ref, model = build(net)
+    method, kw = _settings(method)
     ropt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
     reng = sparse.Sparsifier(ref, ropt, sparse.create(method, **kw), total_steps=STEPS, seed=7, check_ranks=False)
     expected = train(ref, reng, ropt, net)
@@ -115,7 +126,9 @@ def run(method: str, net: str, split: bool, rank: int, world: int) -> dict:
 def agree(rank: int, world: int) -> dict:
     out = {}
     for method, net, split in (("static", "mlp", False), ("set", "mlp", False), ("rigl", "mlp", False),
-                               ("set", "cnn", False), ("rigl", "cnn", False), ("rigl", "mlp", True)):
+                               ("set", "cnn", False), ("rigl", "cnn", False), ("rigl", "mlp", True),
+                               ("gmp", "mlp", False), ("gmpglobal", "mlp", False), ("gmpglobal", "cnn", False),
+                               ("granet", "mlp", False), ("granetglobal", "cnn", False)):
         out[f"{method}-{net}-{'split' if split else 'same'}"] = run(method, net, split, rank, world)
     return out
 
@@ -148,6 +161,33 @@ def select(rank: int, world: int) -> dict:
         cases += 1
         if not torch.equal(whole, _topk_among(s, allowed, k)) or int(whole.sum()) != k:
             wrong.append(trial)
+    # GMP's selection (select_masks at weight granularity, nested in the masks) over 1 to 3 tensors:
+    # local and global (each layer's best weight reserved, ties, ±inf, layers emptied or growing)
+    from fastsparse.core.structured import select_masks
+    from fastsparse.engine.fsdp import sharded_select_masks
+
+    for trial in range(120):
+        shapes = [(int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g)))
+                  for _ in range(int(torch.randint(1, 4, (1,), generator=g)))]
+        scores = [torch.randint(0, 4, sh, generator=g).float() if trial % 2 else torch.randn(sh, generator=g).abs()
+                  for sh in shapes]
+        for sc in scores[:1] if trial % 5 == 0 else []:
+            sc[torch.rand(sc.shape, generator=g) < 0.3] = float("inf")
+        masks = [torch.rand(sh, generator=g) < (0.0 if trial % 7 == 0 and i == 0 else 0.6)
+                 for i, sh in enumerate(shapes)]
+        scope = "global" if trial % 3 else "local"
+        sparsity = float(torch.rand(1, generator=g)) * 0.95
+        likes = [distribute_tensor(torch.zeros(sh), mesh, [Shard(0)]) for sh in shapes]
+        parts, counts = sharded_select_masks([local(shard_like(sc, lk)) for sc, lk in zip(scores, likes)],
+                                             [local(shard_like(m, lk)) for m, lk in zip(masks, likes)],
+                                             sparsity, scope, likes)
+        expected = select_masks(scores, None, sparsity, scope, masks)
+        cases += 1
+        for part, lk, e, c in zip(parts, likes, expected, counts):
+            whole = DTensor.from_local(part, mesh, [Shard(0)], shape=lk.shape, stride=lk.stride()).full_tensor()
+            if not torch.equal(whole, e) or int(e.sum()) != c:
+                wrong.append(f"gmp-{trial}")
+                break
     # layers large enough to be bounded from a sample first (>= 2^18 weights): k small and large, ties
     for trial, (kind, fraction) in enumerate((("normal", 0.03), ("ties", 0.03), ("ties", 0.001), ("normal", 0.7),
                                                ("zeros", 0.01))):
@@ -215,12 +255,12 @@ def diverge(rank: int, world: int) -> dict:
 
 def refuse(rank: int, world: int) -> dict:
     out = {}
-    for label, alg, kw in (("sparse", "rigl", {"execution": "sparse"}), ("gmp", "gmp", {}),
-                           ("set_drop", "set", {})):
+    for label, alg, kw in (("sparse", "rigl", {"execution": "sparse"}), ("snip", "snip", {}),
+                           ("gmp_rows", "gmp", {}), ("set_drop", "set", {})):
         _, model = build("mlp")
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         before = {k: local(v).clone() for k, v in model.state_dict().items()}
-        extra = {"drop_rule": "set"} if label == "set_drop" else {}
+        extra = {"set_drop": {"drop_rule": "set"}, "gmp_rows": {"granularity": "row"}}.get(label, {})
         try:
             sparse.Sparsifier(model, opt, sparse.create(alg, sparsity=0.9, **extra), total_steps=STEPS, **kw)
             out[label] = {"refused": False, "message": ""}

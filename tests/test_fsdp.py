@@ -27,6 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "fsdp_worker.py")
 LAUNCH_TIMEOUT = 120
 RUNS = ["static-mlp-same", "set-mlp-same", "rigl-mlp-same", "set-cnn-same", "rigl-cnn-same"]
+PRUNING = ["gmp-mlp-same", "gmpglobal-mlp-same", "gmpglobal-cnn-same", "granet-mlp-same", "granetglobal-cnn-same"]
 
 
 def _free_port() -> int:
@@ -68,11 +69,12 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("run", RUNS)
+@pytest.mark.parametrize("run", RUNS + PRUNING)
 def test_sharded_masks_are_the_one_process_masks_at_every_update(agree, run):
     for result in agree:
         r = result[run]
-        n_updates = 0 if run.startswith("static") else 4   # every 10 steps until 75 % of 60
+        # every 10 steps until 75 % of 60 (GMP: up to the first update step at or after 45)
+        n_updates = 0 if run.startswith("static") else 5 if run in PRUNING else 4
         assert len(r["got"]) == len(r["expected"]) == n_updates + 2   # start, updates, end
         for got, expected in zip(r["got"], r["expected"]):
             assert _same(got, expected)
@@ -90,6 +92,42 @@ def test_masks_moved_and_kept_their_counts(agree):
         assert all(h["changed"] > 0 for h in r["history"])
 
 
+def test_gmp_prunes_to_the_exact_counts_of_its_schedule(agree):
+    from fastsparse.core.distributions import resolve_sparsities
+    from fastsparse.core.masks import n_keep
+    from fastsparse.core.schedules import Clock, Cubic
+
+    shapes = {"0.weight": (128, 64), "2.weight": (64, 128), "4.weight": (10, 64)}
+    finals = dict(zip(shapes, resolve_sparsities("erk", list(shapes.values()), 0.9)))
+    r = agree[0]["gmp-mlp-same"]
+    for masks, step in zip(r["got"][1:-1], (10, 20, 30, 40, 50)):
+        for name, shape in shapes.items():   # local: each layer on its own cubic from dense
+            numel = shape[0] * shape[1]
+            assert int(masks[name].sum()) == n_keep(numel, Cubic(0.0, finals[name], 0, 0.75)(Clock(step, 60)))
+    for run in PRUNING[1:3]:   # global: the model's count, one threshold
+        r = agree[0][run]
+        total = sum(v.numel() for v in r["got"][0].values())
+        for masks, step in zip(r["got"][1:-1], (10, 20, 30, 40, 50)):
+            assert sum(int(v.sum()) for v in masks.values()) == n_keep(total, Cubic(0.0, 0.9, 0, 0.75)(Clock(step, 60)))
+        for before, after in zip(r["got"], r["got"][1:]):   # nested
+            assert all(not bool((after[k] & ~before[k]).any()) for k in before)
+
+
+def test_granet_prunes_to_gmps_counts_and_regrows(agree):
+    from fastsparse.core.masks import n_keep
+    from fastsparse.core.schedules import Clock, Cubic
+
+    for run in ("granet-mlp-same", "granetglobal-cnn-same"):
+        r = agree[0][run]
+        total = sum(v.numel() for v in r["got"][0].values())
+        assert sum(int(v.sum()) for v in r["got"][0].values()) == pytest.approx(total / 2, abs=3)   # random, 0.5
+        assert all(h["changed"] > 0 for h in r["history"])   # regrown at every update
+        if run.startswith("granetglobal"):
+            for masks, step in zip(r["got"][1:-1], (10, 20, 30, 40, 50)):
+                assert sum(int(v.sum()) for v in masks.values()) == n_keep(total, Cubic(0.5, 0.9, 0, 0.75)(
+                    Clock(step, 60)))
+
+
 def test_rigl_with_the_batch_split_across_ranks(agree):
     r = agree[0]["rigl-mlp-split"]
     for got, expected in zip(r["got"], r["expected"]):
@@ -103,7 +141,7 @@ def test_rigl_with_the_batch_split_across_ranks(agree):
 
 def test_sharded_selection_equals_the_one_process_selection(tmp_path):
     for r in _launch("select", tmp_path):
-        assert r["cases"] == 305 and r["wrong"] == []
+        assert r["cases"] == 425 and r["wrong"] == []
 
 
 def test_disagreeing_ranks_raise_on_every_rank(tmp_path):
@@ -120,9 +158,10 @@ def test_disagreeing_ranks_raise_on_every_rank(tmp_path):
 def test_what_fsdp_does_not_run_is_refused_before_any_change(tmp_path):
     for r in _launch("refuse", tmp_path):
         assert r["sparse"]["refused"] and "execution='masked'" in r["sparse"]["message"]
-        assert r["gmp"]["refused"] and "train this method with DDP" in r["gmp"]["message"]
+        assert r["snip"]["refused"] and "train this method with DDP" in r["snip"]["message"]
+        assert r["gmp_rows"]["refused"] and "granularity='row' (use 'weight')" in r["gmp_rows"]["message"]
         assert r["set_drop"]["refused"] and "drop_rule='set'" in r["set_drop"]["message"]
-        assert all(r[k]["unchanged"] for k in ("sparse", "gmp", "set_drop"))
+        assert all(r[k]["unchanged"] for k in ("sparse", "snip", "gmp_rows", "set_drop"))
 
 
 def test_sharded_checkpoint_resumes_refuses_and_loads_on_other_numbers_of_ranks(tmp_path):

@@ -1,9 +1,12 @@
 """``parallel: fsdp`` under torchrun (2 ranks, gloo, CPU): the runner of ``fastsparse train`` on a
-``fully_shard``-ed model. The run equals the DDP run bit for bit (same weights, masks and
-metrics); a run interrupted after epoch 2 and resumed from its checkpoint ends where the whole
-run ends, bit for bit; the 2-rank checkpoint loads in one process, verified, and exports.
-In one process the key trains the model whole, with a note. The worker is
-tests/fsdp_train_worker.py (one launch, ~17 s)."""
+``fully_shard``-ed model, with sharded checkpoints (``checkpoint.dcp``, nothing gathered). The run
+equals the DDP run bit for bit (same weights, masks and metrics); a run interrupted after epoch 2,
+left as a process killed between the renames of a checkpoint write leaves it, and resumed ends
+where the whole run ends, bit for bit, with the leftovers removed (and a GraNet run resumed after
+epoch 1 too); ``fastsparse train --resume``
+refuses a corrupted shard and another config's checkpoint in one line, the folder unchanged;
+``fastsparse export`` reads the 2-rank run folder in one process. In one process the key trains
+the model whole, with a note. The worker is tests/fsdp_train_worker.py (one launch, ~25 s)."""
 from __future__ import annotations
 
 import json
@@ -16,8 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastsparse.experiments.checkpoint import read_checkpoint
-from fastsparse.experiments.models import MLP
+from fastsparse.engine.sharded_checkpoint import read_sharded_model
 
 pytestmark = pytest.mark.distributed
 
@@ -42,10 +44,16 @@ def runs(tmp_path_factory):
     assert proc.returncode == 0 and not errors, f"{errors}\n{stderr[-4000:]}"
     seen = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert seen[0] == seen[1] and seen[0]["interrupted"]
-    return {k: Path(v) for k, v in seen[0].items() if k != "interrupted"}
+    return {k: Path(v) if k in ("whole", "resumed", "ddp", "granet", "granet_resumed") else v
+            for k, v in seen[0].items()}
 
 
 def _model(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The final weights and masks: ``model.pt`` of one process or DDP, the last sharded checkpoint
+    (read whole, verified) of FSDP."""
+    if (run_dir / "checkpoint.dcp").is_dir():
+        assert not (run_dir / "model.pt").exists() and not (run_dir / "checkpoint.pt").exists()
+        return read_sharded_model(run_dir / "checkpoint.dcp")
     return torch.load(run_dir / "model.pt", weights_only=True)
 
 
@@ -68,26 +76,64 @@ def test_fsdp_run_equals_the_ddp_run(runs):
 
 
 def test_resumed_fsdp_run_ends_bit_for_bit_where_the_whole_run_ends(runs):
+    assert runs["kept"] and runs["leftovers"] == ["checkpoint.dcp"]   # .old restored as the checkpoint, .tmp removed
     assert _same(_model(runs["resumed"]), _model(runs["whole"]))
     assert _metrics(runs["resumed"]) == _metrics(runs["whole"])
     assert (runs["resumed"] / "updates.jsonl").read_text() == (runs["whole"] / "updates.jsonl").read_text()
 
 
-def test_two_rank_checkpoint_loads_in_one_process_and_exports(runs, tmp_path):
-    from fastsparse.deploy import export_command
-    from fastsparse.deploy import read_sparse
+def test_resumed_granet_run_under_fsdp_ends_bit_for_bit_where_the_whole_run_ends(runs):
+    assert _same(_model(runs["granet_resumed"]), _model(runs["granet"]))
+    assert _metrics(runs["granet_resumed"]) == _metrics(runs["granet"])
+    updates = (runs["granet"] / "updates.jsonl").read_text()
+    assert updates == (runs["granet_resumed"] / "updates.jsonl").read_text() and len(updates.splitlines()) == 7
+    assert json.loads((runs["granet"] / "summary.json").read_text())["sparsity"] == pytest.approx(0.9, abs=1e-4)
 
-    state = read_checkpoint(runs["whole"] / "checkpoint.pt")      # verified: checksums, nothing unpickled
-    model = MLP((64, 128, 10))
-    for name, module in (("0", model[0]), ("2", model[2])):
-        module.register_buffer("weight_mask", torch.zeros_like(module.weight, dtype=torch.bool))
-    model.load_state_dict(state["model"])
-    assert all(int(model.get_buffer(f"{n}.weight_mask").sum()) == state["mask_counts"][f"{n}.weight_mask"]
-               for n in ("0", "2"))
-    text = export_command(str(runs["whole"]), str(tmp_path / "m.safetensors"))
-    assert "2 masked tensors compressed" in text
+
+def test_resume_refuses_a_corrupted_shard_and_another_configs_checkpoint_in_one_line(runs):
+    for case, words in (("corrupt", ("__1_0.distcp", "does not match its checksum")),
+                        ("foreign", ("belongs to a run of another config", "seed: 1 -> 0"))):
+        seen = runs[case]
+        lines = [x for x in seen["output"].splitlines() if x.strip()]
+        assert seen["code"] == 2 and len(lines) == 1 and lines[0].startswith("error: "), seen["output"]
+        assert all(w in lines[0] for w in words), lines[0]
+        assert seen["unchanged"]
+
+
+def test_two_rank_run_folder_exports_in_one_process(runs, tmp_path):
+    from typer.testing import CliRunner
+
+    from fastsparse.deploy import read_sparse
+    from fastsparse.experiments.cli import app
+
+    state = _model(runs["whole"])
+    counts = {k: int(v.sum()) for k, v in state.items() if k.endswith("_mask")}
+    assert sorted(counts) == ["0.weight_mask", "2.weight_mask"] and sum(counts.values()) == pytest.approx(
+        0.1 * (64 * 128 + 128 * 10), abs=2)
+    result = CliRunner().invoke(app, ["export", str(runs["whole"]), "--out", str(tmp_path / "m.safetensors")])
+    assert result.exit_code == 0 and "2 masked tensors compressed" in result.output, result.output
     back = read_sparse(tmp_path / "m.safetensors").state_dict
-    assert _same({k: back[k] for k in state["model"]}, dict(state["model"]))
+    assert _same({k: back[k] for k in state}, state)
+
+
+def test_export_refuses_a_corrupted_shard_in_one_line(runs, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fastsparse.experiments.cli import app
+
+    copy = tmp_path / "run"
+    shutil.copytree(runs["whole"], copy)
+    shard = copy / "checkpoint.dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x04
+    shard.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["export", str(copy), "--out", str(tmp_path / "m.safetensors")])
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "__0_0.distcp does not match its checksum" in lines[0], \
+        result.output
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_parallel_fsdp_in_one_process_trains_the_model_whole_and_says_so():

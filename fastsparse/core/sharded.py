@@ -22,7 +22,7 @@ from torch import Tensor
 from .errors import MaskDisagreement
 
 __all__ = ["is_sharded", "local", "shard_rows", "shard_like", "global_count", "count_like", "total_like", "sharded_topk_among",
-           "SelectionTraffic", "TRAFFIC"]
+           "sharded_topk_over", "sharded_first_max", "totals_like", "SelectionTraffic", "TRAFFIC"]
 
 _BINS = 256
 _ROUNDS = 4        # 8 bits of the 32-bit key per round
@@ -119,6 +119,14 @@ def total_like(n: int, like: Tensor) -> int:
     return int(_all_reduce(t, _group(like))[0])
 
 
+def totals_like(ns: list[int], like: Tensor) -> list[int]:
+    """Each of ``ns`` summed over the ranks that shard ``like``: one all_reduce for them all."""
+    if not is_sharded(like) or not ns:
+        return [int(n) for n in ns]
+    t = torch.tensor([int(n) for n in ns], dtype=torch.int64, device=_collective_device(like))
+    return [int(x) for x in _all_reduce(t, _group(like)).cpu().tolist()]
+
+
 def _keys(scores: Tensor) -> Tensor:
     """Order-preserving int32 keys of float32 scores: signed comparison of the keys is the float
     comparison (−0.0 counts as +0.0, as ``==`` does): negative floats get their 31 low bits flipped."""
@@ -160,26 +168,12 @@ def _beyond_bound(where: Tensor, values: Tensor, k: int, group, device) -> tuple
     return where, values
 
 
-def sharded_topk_among(scores: Tensor, allowed: Tensor, k: int, like: Tensor) -> Tensor:
-    """This rank's part of the global mask with exactly ``k`` True at the largest ``scores`` among
-    the ``allowed`` positions, ties to the lowest global flat index.
-
-    ``scores`` and ``allowed`` are this rank's local shards of a tensor sharded like the DTensor
-    ``like``. Every rank makes the same fixed sequence of collectives (whatever its data or its
-    ``k``), so ranks that disagree get wrong masks, which the rank check then reports, never a hang.
-    Communicated: one all_reduce of 260 int64 (histogram, NaN count, k, k², ranks), three of 256, one
-    all_gather of one int64 per rank.
-    """
+def _radix_threshold(keys: Tensor, nan: int, k: int, group, device) -> tuple[int, int]:
+    """The k-th largest of the keys of every rank (signed int32) and how many of the keys equal to
+    it are kept (the others above it all are): 4 rounds, each an all_reduce of a 256-bin histogram
+    of the next 8 bits of the candidates' keys; the first also carries the NaN count, k and k²."""
     import torch.distributed as dist
 
-    group, device = _group(like), _collective_device(like)
-    flat, ok = scores.reshape(-1), allowed.reshape(-1)
-    where = ok.nonzero().squeeze(1)      # the allowed positions: all the work below is on them only
-    values = flat[where]
-    nan = int(torch.isnan(values).count_nonzero()) if values.is_floating_point() else 0
-    if like.numel() >= _BOUNDED_FROM:
-        where, values = _beyond_bound(where, values, int(k), group, device)
-    keys = _keys(values)
     # the radix select walks the keys as unsigned numbers: the sign bit flipped
     top = (keys >> 24) + 128
     prefix, need = 0, int(k)
@@ -212,7 +206,30 @@ def sharded_topk_among(scores: Tensor, allowed: Tensor, k: int, like: Tensor) ->
         need -= int(above_d[d]) if need > 0 else 0
         prefix |= d << shift
         candidates = keys[top == d] if r == 0 else candidates[digits == d]
-    threshold = prefix - (1 << 31)   # back to the signed keys
+    return prefix - (1 << 31), need   # back to the signed keys
+
+
+def sharded_topk_among(scores: Tensor, allowed: Tensor, k: int, like: Tensor) -> Tensor:
+    """This rank's part of the global mask with exactly ``k`` True at the largest ``scores`` among
+    the ``allowed`` positions, ties to the lowest global flat index.
+
+    ``scores`` and ``allowed`` are this rank's local shards of a tensor sharded like the DTensor
+    ``like``. Every rank makes the same fixed sequence of collectives (whatever its data or its
+    ``k``), so ranks that disagree get wrong masks, which the rank check then reports, never a hang.
+    Communicated: one all_reduce of 260 int64 (histogram, NaN count, k, k², ranks), three of 256, one
+    all_gather of one int64 per rank.
+    """
+    import torch.distributed as dist
+
+    group, device = _group(like), _collective_device(like)
+    flat, ok = scores.reshape(-1), allowed.reshape(-1)
+    where = ok.nonzero().squeeze(1)      # the allowed positions: all the work below is on them only
+    values = flat[where]
+    nan = int(torch.isnan(values).count_nonzero()) if values.is_floating_point() else 0
+    if like.numel() >= _BOUNDED_FROM:
+        where, values = _beyond_bound(where, values, int(k), group, device)
+    keys = _keys(values)
+    threshold, need = _radix_threshold(keys, nan, int(k), group, device)
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     tied = where[:0]
     if k > 0:
@@ -227,3 +244,78 @@ def sharded_topk_among(scores: Tensor, allowed: Tensor, k: int, like: Tensor) ->
     take = max(0, min(tied.numel(), need - before)) if k > 0 else 0
     keep[tied[:take]] = True
     return keep.view(allowed.shape)
+
+
+def sharded_topk_over(scores: list[Tensor], k: int, likes: list[Tensor]) -> list[Tensor]:
+    """This rank's parts of the masks with exactly ``k`` True over several sharded tensors together
+    (a global selection), at the largest scores, ties to the lowest index of their concatenation
+    (tensor by tensor, each in flat order): :func:`fastsparse.core.masks.topk_mask` of the
+    concatenated whole scores, cut back into the tensors. ``scores[i]`` is this rank's local
+    shard of a tensor sharded like ``likes[i]`` (one mesh). The radix select of
+    :func:`sharded_topk_among` on every local score at once, then one all_gather of each rank's tie
+    count per tensor: tensor i's ties on rank r come after every tie of the tensors before i and
+    those of tensor i on the ranks before r."""
+    import torch.distributed as dist
+
+    like = likes[0]
+    group, device = _group(like), _collective_device(like)
+    flats = [s.reshape(-1) for s in scores]
+    values = torch.cat(flats) if flats else torch.zeros(0)
+    nan = int(torch.isnan(values).count_nonzero())
+    keys = _keys(values)
+    threshold, need = _radix_threshold(keys, nan, int(k), group, device)
+    sizes = [f.numel() for f in flats]
+    keep = (keys > threshold) if k > 0 else torch.zeros_like(keys, dtype=torch.bool)
+    tied = (keys == threshold) if k > 0 else torch.zeros_like(keys, dtype=torch.bool)
+    mine = torch.tensor([int(t.count_nonzero()) for t in tied.split(sizes)], dtype=torch.int64, device=device)
+    world = dist.get_world_size(group)
+    every = torch.zeros(world * len(sizes), dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(every, mine, group=group)
+    TRAFFIC.add(mine, world)
+    every = every.view(world, len(sizes)).cpu()
+    me = like.device_mesh.get_local_rank()
+    out, start = [], 0
+    for i, (n, s) in enumerate(zip(sizes, scores)):
+        before = int(every[:, :i].sum()) + int(every[:me, i].sum())
+        part_keep, part_tied = keep[start:start + n], tied[start:start + n]
+        where = part_tied.nonzero().squeeze(1)
+        take = max(0, min(where.numel(), need - before)) if k > 0 else 0
+        part_keep[where[:take]] = True
+        out.append(part_keep.view(s.shape))
+        start += n
+    return out
+
+
+def sharded_first_max(scores: list[Tensor], likes: list[Tensor]) -> tuple[list[Tensor], int]:
+    """Per sharded tensor, this rank's part of a mask holding its largest score's first position
+    in global flat order (``argmax`` of the whole tensor), none when every score is −inf; and how
+    many tensors have one. An all_reduce of the maxima (MAX), one of the first global positions
+    holding them (MIN)."""
+    import torch.distributed as dist
+
+    like = likes[0]
+    group, device = _group(like), _collective_device(like)
+    top = torch.tensor([float(s.max()) if s.numel() else float("-inf") for s in scores], dtype=torch.float64,
+                       device=device)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    TRAFFIC.add(top)
+    top = top.cpu()
+    none = torch.iinfo(torch.int64).max
+    first = []
+    for s, l, m in zip(scores, likes, top.tolist()):
+        start, _ = shard_rows(l)
+        at = (s.reshape(-1).to(torch.float64) == m).nonzero()
+        offset = start * (l.numel() // max(1, l.shape[0]))
+        first.append(offset + int(at[0]) if at.numel() and m > float("-inf") else none)
+    first_t = torch.tensor(first, dtype=torch.int64, device=device)
+    dist.all_reduce(first_t, op=dist.ReduceOp.MIN, group=group)
+    TRAFFIC.add(first_t)
+    out, found = [], first_t.cpu().tolist()
+    for s, l, f in zip(scores, likes, found):
+        start, _ = shard_rows(l)
+        offset = start * (l.numel() // max(1, l.shape[0]))
+        mask = torch.zeros(s.numel(), dtype=torch.bool, device=s.device)
+        if f != none and offset <= f < offset + s.numel():
+            mask[f - offset] = True
+        out.append(mask.view(s.shape))
+    return out, sum(f != none for f in found)

@@ -92,11 +92,26 @@ def size_report(path: str | os.PathLike) -> SizeReport:
 
 # ------------------------------------------------------------------------ command line
 
+def _sharded_folder(source: str) -> str | None:
+    """The sharded checkpoint of ``source`` (a run folder of ``parallel: fsdp``, or the checkpoint's
+    own folder), else None."""
+    for folder in (os.path.join(source, "checkpoint.dcp"), source):
+        if os.path.isfile(os.path.join(folder, "manifest.json")):
+            return folder
+    return None
+
+
 def _load_checkpoint_state(source: str) -> Mapping[str, Tensor]:
     if os.path.isdir(source):
         ckpt = os.path.join(source, "checkpoint.pt")
+        sharded = _sharded_folder(source) if not os.path.isfile(ckpt) else None
+        if sharded is not None:   # read whole in this process, verified; no model is built
+            from ..engine.sharded_checkpoint import read_sharded_model
+
+            return read_sharded_model(sharded)
         if not os.path.isfile(ckpt):
-            raise FileNotFoundError(f"{source} is a folder without checkpoint.pt; pass a run folder or a checkpoint file")
+            raise FileNotFoundError(f"{source} is a folder without checkpoint.pt or checkpoint.dcp; pass a run folder "
+                                    "or a checkpoint file")
         source = ckpt
     if not os.path.isfile(source):
         raise FileNotFoundError(f"no such checkpoint: {source}")
@@ -125,7 +140,9 @@ def export_command(source: str, out: str, format: str = "auto",
     return the size report (per tensor, and the file against the dense fp32 state dict).
 
     ``source`` is a checkpoint saved with ``torch.save({"model": state_dict, ...})`` (or a
-    bare state_dict), or a run folder holding such a ``checkpoint.pt``. No model is built:
+    bare state_dict), or a run folder holding such a ``checkpoint.pt``, or a sharded checkpoint
+    (a run folder of ``parallel: fsdp`` and its ``checkpoint.dcp``, read whole here, verified
+    against its manifest). No model is built:
     the masks are read from the state_dict's ``<name>_mask`` entries. The MLP layout is
     recognised and recorded as the model spec unless ``model_spec`` is given.
     """

@@ -11,6 +11,10 @@ the weight, see :mod:`fastsparse.core.sharded`), of its gradient and of its opti
   ``drop_rule="keep_score"`` and no redistribution): per layer, one all_reduce of the active
   count, then two exact selections (drop, grow), each a few all_reduces of 256 counts
   (:func:`~fastsparse.core.sharded.sharded_topk_among`). No layer is gathered.
+* Gradual pruning (GMP, GraNet; weight granularity, local or global scope): one process's
+  ``select_masks`` on the shards (:func:`sharded_select_masks`: global scope selects over every
+  layer's shards at once, each layer's best weight reserved); GraNet then drops and grows per
+  layer as RigL does.
 * The rank check: the masks have no replica to compare, so the ranks compare what they must
   agree on: per layer, the name, global shape, the seed, the count this rank expects the layer
   to hold, the count the shards hold together and the SHA-256 of the shards' digests in rank order.
@@ -29,16 +33,19 @@ from torch import Tensor
 
 from ..algorithms.base import SparsityAlgorithm, generator_for
 from ..algorithms.dst import DST
+from ..algorithms.gmp import GMP, GraNet
 from ..core.errors import MaskDisagreement
-from ..core.masks import SparseParam
+from ..core.masks import SparseParam, n_keep
 from ..core.schedules import Clock
 from ..core.scores import accepts_generator, checked_score
-from ..core.sharded import TRAFFIC, global_count, is_sharded, local, shard_like, shard_rows, sharded_topk_among
+from ..core.sharded import (
+    TRAFFIC, global_count, is_sharded, local, shard_rows, sharded_first_max, sharded_topk_among,
+    sharded_topk_over, totals_like,
+)
 from .recipe import EntryPointRefused
 
 __all__ = ["is_fsdp", "check_fsdp", "full_views", "localized", "sharded_update", "check_sharded_agreement",
-           "shard_digest", "full_model_state", "full_optimizer_state", "load_full_model_state",
-           "load_full_optimizer_state", "whole_union", "local_rows"]
+           "shard_digest", "full_model_state", "whole_union", "local_rows", "sharded_select_masks"]
 
 
 def is_fsdp(params: Sequence[Any]) -> bool:
@@ -61,6 +68,8 @@ def _supported(alg: SparsityAlgorithm) -> str | None:
         if type(alg).update_masks is not DST.update_masks or type(alg).initial_masks is not DST.initial_masks:
             return f"{type(alg).__name__} overrides how masks are chosen"
         return None
+    if type(alg) in (GMP, GraNet):
+        return f"granularity={alg.granularity!r} (use 'weight')" if alg.granularity != "weight" else None
     return "it is not one of the methods offered under FSDP"
 
 
@@ -81,7 +90,7 @@ def check_fsdp(groups: Sequence[Any], execution: Any) -> None:
             raise EntryPointRefused(
                 f"{g.algorithm.name} does not run on FSDP-sharded weights: {why or 'its recipe works on whole layers'}."
                 " Under FSDP use static masks, set, rigl or dst (drop_rule='keep_score', no redistribution, "
-                "no balance), or train this method with DDP")
+                "no balance), gmp or granet (granularity 'weight'), or train this method with DDP")
 
 
 class _FullView:
@@ -118,12 +127,16 @@ def _local_score(fn: Any, sp: SparseParam, optimizer: Any, seed: int, step: int,
 
 @torch.no_grad()
 def sharded_update(alg: SparsityAlgorithm, params: Sequence[SparseParam], optimizer: Any, clock: Clock,
-                   seed: int) -> tuple[list[Tensor], list[int]] | None:
-    """:meth:`DST.update_masks` on the shards: the local new masks and each layer's expected count.
+                   seed: int) -> tuple[list[Tensor], list[int], list[Tensor] | None] | None:
+    """:meth:`DST.update_masks`, :meth:`GMP.update_masks` or :meth:`GraNet.update_masks` on the
+    shards: the local new masks, each layer's expected count and the positions grown (None: the
+    new active ones).
 
-    Per layer, as on one process: a = active count, d = floor(f · a); keep the a − d active
+    DST, per layer, as on one process: a = active count, d = floor(f · a); keep the a − d active
     weights with the largest keep score; grow d among the others by the grow score.
     """
+    if type(alg) in (GMP, GraNet):
+        return _gmp_update(alg, params, clock)
     if not isinstance(alg, DST):
         return None
     f = float(alg.drop_fraction(clock))
@@ -140,7 +153,74 @@ def sharded_update(alg: SparsityAlgorithm, params: Sequence[SparseParam], optimi
         grown = sharded_topk_among(grow.to(torch.float32), ~kept, d, sp.param)
         out.append(kept | grown)
         counts.append(a)
-    return out, counts
+    return out, counts, None
+
+
+def _biased(score: Tensor, active: Tensor, grow: bool) -> Tensor:
+    """As one process keeps pruning nested: shrinking, inactive weights last (−inf); growing, every
+    active weight first (+inf)."""
+    inf = torch.tensor(float("inf"), dtype=score.dtype, device=score.device)
+    return torch.where(active, inf, score) if grow else torch.where(active, score, -inf)
+
+
+def sharded_select_masks(scores: Sequence[Tensor], masks: Sequence[Tensor], sparsity: float | Sequence[float],
+                         scope: str, likes: Sequence[Tensor]) -> tuple[list[Tensor], list[int]]:
+    """:func:`~fastsparse.core.structured.select_masks` at weight granularity (nested in ``masks``,
+    global scope with each layer's best weight reserved) on local shards of tensors sharded like
+    ``likes``: this rank's parts of the masks one process computes, and the count of each.
+    Local: per layer k = n_keep(N, s_l), the k largest biased scores. Global: k = max(n_keep(Σ N,
+    s), the number of reserved weights), over every layer at once."""
+    likes = list(likes)
+    scores = [sc.to(torch.float32) for sc in scores]
+    actives = totals_like([int(m.count_nonzero()) for m in masks], likes[0])
+    numels = [like.numel() for like in likes]
+    if scope == "global":
+        total, n_active = sum(numels), sum(actives)
+        target = n_keep(total, float(sparsity))
+        biased = [_biased(sc, m, target > n_active) for sc, m in zip(scores, masks)]
+        reserved, n_reserved = sharded_first_max(biased, likes)
+        biased = [torch.where(r, torch.tensor(float("inf")), b) for r, b in zip(reserved, biased)]
+        new = sharded_topk_over(biased, min(total, max(target, n_reserved)), likes)
+        return new, totals_like([int(n.count_nonzero()) for n in new], likes[0])
+    sps = [float(sparsity)] * len(likes) if isinstance(sparsity, (int, float)) else [float(x) for x in sparsity]
+    counts = [n_keep(n, x) for n, x in zip(numels, sps)]
+    new = [sharded_topk_among(_biased(sc, m, k > a), torch.ones_like(m), k, like)
+           for sc, m, k, a, like in zip(scores, masks, counts, actives, likes)]
+    return new, counts
+
+
+def _gmp_update(alg: GMP, params: Sequence[SparseParam],
+                clock: Clock) -> tuple[list[Tensor], list[int], list[Tensor] | None] | None:
+    """:meth:`GMP.prune` on the shards, None when no layer's count changes (as one process); for
+    GraNet then, per layer, n = ceil(r_t · a) of the a weights left: keep the a − n largest |w|,
+    grow n by |gradient| among the others (the grown ones named: zeroed, even one just pruned)."""
+    likes = [sp.param for sp in params]
+    masks = [local(sp.mask) for sp in params]
+    scores = [local(sp.param).detach().abs() for sp in params]
+    actives = totals_like([int(m.count_nonzero()) for m in masks], likes[0])
+    numels = [sp.param.numel() for sp in params]
+    targets = alg.target_sparsities(params, clock)
+    if alg.scope == "global":
+        sparsity: float | list[float] = max(targets[0], 1.0 - sum(actives) / sum(numels))
+    else:
+        sparsity = [max(t, 1.0 - a / n) for t, a, n in zip(targets, actives, numels)]
+    new, counts = sharded_select_masks(scores, masks, sparsity, alg.scope, likes)
+    if not isinstance(alg, GraNet):
+        return None if counts == actives else (new, counts, None)
+    r = float(alg.regrow_fraction(clock))
+    if r <= 0:
+        return new, counts, None
+    out, grown = [], []
+    for sp, pruned, a, like in zip(params, new, counts, likes):
+        if sp.param.grad is None:
+            raise RuntimeError(f"GraNet regrows by gradient, but {sp.name}.grad is None: the engine must "
+                               "update masks after loss.backward() and before zero_grad()")
+        n = int(math.ceil(r * a))
+        kept = sharded_topk_among(local(sp.param).detach().abs().to(torch.float32), pruned, a - n, like)
+        grow = sharded_topk_among(local(sp.param.grad).detach().abs().to(torch.float32), ~kept, n, like)
+        out.append(kept | grow)
+        grown.append(grow & ~pruned)
+    return out, counts, grown
 
 
 def shard_digest(name: str, mask: Tensor) -> bytes:
@@ -200,7 +280,7 @@ def check_sharded_agreement(names: Sequence[str], masks: Sequence[Tensor], expec
     return digests
 
 
-# --- whole state (checkpoints of the run folder, exports) -------------------------------------
+# --- whole state (comparisons in tests, the explored positions of the engine state) ------------
 def _whole(value: Any) -> Any:
     return value.full_tensor().detach().cpu() if is_sharded(value) else value
 
@@ -208,40 +288,6 @@ def _whole(value: Any) -> Any:
 def full_model_state(model: Any) -> dict[str, Tensor]:
     """``model.state_dict()`` with every sharded tensor gathered whole (a collective: call it on every rank)."""
     return {k: _whole(v) for k, v in model.state_dict().items()}
-
-
-def full_optimizer_state(optimizer: Any) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with every sharded state gathered whole (every rank, same order)."""
-    sd = optimizer.state_dict()
-    state = {pid: {k: _whole(v) for k, v in entry.items()} for pid, entry in sd["state"].items()}
-    return {**sd, "state": state}
-
-
-@torch.no_grad()
-def load_full_model_state(model: Any, state: dict[str, Tensor]) -> None:
-    """Copy a whole state into a sharded model: each rank its rows (no collective). Into the tensors
-    themselves (``keep_vars``): a detached alias would leave the masks' version counters, which
-    the hot path's cache watches, unchanged."""
-    own = model.state_dict(keep_vars=True)
-    unknown = sorted(set(own) ^ set(state))
-    if unknown:
-        raise ValueError(f"the saved state does not fit the model at {unknown[:5]}")
-    for k, v in own.items():
-        if is_sharded(v):
-            start, n = shard_rows(v)
-            local(v).copy_(state[k].narrow(0, start, n))
-        else:
-            v.copy_(state[k])
-
-
-def load_full_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
-    """Load a whole optimizer state into the optimizer of a sharded model (each rank its rows)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    ids = [i for g in state["param_groups"] for i in g["params"]]
-    by_id = dict(zip(ids, params))
-    shaped = {pid: {k: shard_like(v, by_id[pid]) if is_sharded(by_id[pid]) and isinstance(v, Tensor) and v.dim() > 0
-                    else v for k, v in entry.items()} for pid, entry in state["state"].items()}
-    optimizer.load_state_dict({**state, "state": shaped})
 
 
 def whole_union(union: Tensor, like: Tensor) -> Tensor:

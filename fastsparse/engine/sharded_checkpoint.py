@@ -16,7 +16,9 @@ one process (DCP reshards):
 4. everything is read into fresh tensors first; only then are the model, optimizer and engine
    changed, and the masks' counts are checked against the manifest.
 
-Non-tensor state never goes through DCP (it would be pickled): it travels in the manifest.
+Non-tensor state never goes through DCP (it would be pickled): it travels in the manifest, with
+the caller's ``extra`` (a runner's counters). :func:`read_sharded_model` reads the model state
+whole in one process with no model built (an export), verified the same way.
 """
 from __future__ import annotations
 
@@ -33,9 +35,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..core.sharded import global_count, local
+from ..core.sharded import global_count, local, total_like
 
-__all__ = ["save_sharded", "load_sharded", "read_manifest", "ShardedCheckpointError", "MANIFEST"]
+__all__ = ["save_sharded", "load_sharded", "read_manifest", "read_sharded_model", "manifest_extra",
+           "ShardedCheckpointError", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 _FORMAT = 1
@@ -96,6 +99,11 @@ def _decode(value: Any) -> Any:
     return value
 
 
+def manifest_extra(manifest: Mapping[str, Any]) -> Any:
+    """The caller's ``extra`` of :func:`save_sharded`, decoded (bytes back from base64)."""
+    return _decode(manifest.get("extra"))
+
+
 def _params_by_name(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters())
 
@@ -117,12 +125,15 @@ def _optimizer_layout(model: nn.Module, optimizer: Any) -> tuple[dict[str, Tenso
 
 
 def _layers(sparsifier: Any) -> dict[str, dict[str, Any]]:
-    return {sp.name: {"shape": list(sp.mask.shape), "active": global_count(sp.mask)} for sp in sparsifier._sps}
+    sps = sparsifier._sps if sparsifier is not None else []
+    return {sp.name: {"shape": list(sp.mask.shape), "active": global_count(sp.mask)} for sp in sps}
 
 
 def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer: Any, sparsifier: Any,
-                 identity: Mapping[str, Any]) -> None:
-    """Write a sharded checkpoint into the folder ``path`` (call on every rank; a new folder)."""
+                 identity: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:
+    """Write a sharded checkpoint into the folder ``path`` (call on every rank; a new folder).
+    ``sparsifier`` may be None (a dense model); ``extra``: plain data the caller keeps beside the
+    state (a runner's counters), stored as JSON in the manifest (bytes as base64)."""
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
@@ -131,7 +142,8 @@ def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer: Any, spar
     opt_tensors, opt_meta = _optimizer_layout(model, optimizer)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state.update(opt_tensors)
-    engine = _encode(sparsifier.state_dict())
+    engine = _encode(sparsifier.state_dict()) if sparsifier is not None else None
+    extra = _encode(dict(extra or {}))
     layers = _layers(sparsifier)
     dcp.save(state, checkpoint_id=str(path), no_dist=not _distributed())
     _barrier()
@@ -139,7 +151,7 @@ def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer: Any, spar
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(path.iterdir())
                  if p.is_file() and p.name != MANIFEST}
         manifest = {"format": _FORMAT, "identity": json.loads(json.dumps(dict(identity))), "layers": layers,
-                    "optimizer": opt_meta, "engine": engine, "files": files}
+                    "optimizer": opt_meta, "engine": engine, "extra": extra, "files": files}
         tmp = path / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, path / MANIFEST)
@@ -208,8 +220,8 @@ def _reader(path: Path):
     return Reader(str(path))
 
 
-def read_manifest(path: str | os.PathLike, identity: Mapping[str, Any]) -> dict[str, Any]:
-    """The verified manifest: identity, then every file's presence, size and SHA-256."""
+def read_manifest(path: str | os.PathLike, identity: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The verified manifest: identity (None: any), then every file's presence, size and SHA-256."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise ShardedCheckpointError(f"{path} holds no {MANIFEST}: not a finished sharded checkpoint")
@@ -219,8 +231,8 @@ def read_manifest(path: str | os.PathLike, identity: Mapping[str, Any]) -> dict[
         raise ShardedCheckpointError(f"{path / MANIFEST} is not valid JSON (corrupt)") from None
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT or not isinstance(manifest.get("files"), dict):
         raise ShardedCheckpointError(f"{path / MANIFEST} is not a manifest of format {_FORMAT}")
-    ours = json.loads(json.dumps(dict(identity)))
-    if manifest.get("identity") != ours:
+    ours = json.loads(json.dumps(dict(identity or {})))
+    if identity is not None and manifest.get("identity") != ours:
         raise ShardedCheckpointError(f"{path} is a checkpoint of another run: it was saved for {manifest.get('identity')}, "
                                      f"this run is {ours}")
     for name, entry in manifest["files"].items():
@@ -243,7 +255,7 @@ def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: Any, spar
 
     path = Path(path)
     manifest = read_manifest(path, identity)
-    layers = {sp.name: list(sp.mask.shape) for sp in sparsifier._sps}
+    layers = {sp.name: list(sp.mask.shape) for sp in (sparsifier._sps if sparsifier is not None else [])}
     saved = {k: v.get("shape") for k, v in manifest.get("layers", {}).items()}
     if saved != layers:
         raise ShardedCheckpointError(f"{path} holds the sparse layers {saved}, this model {layers}")
@@ -259,19 +271,58 @@ def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: Any, spar
     except (Exception, CheckpointException) as e:   # noqa: BLE001 - DCP's own errors (keys or shapes that do not fit)
         first = (str(e).splitlines() or [type(e).__name__])[0][:300]
         raise ShardedCheckpointError(f"{path} does not fit this model and optimizer: {first}") from None
-    for name, entry in manifest["layers"].items():
-        mask = fresh[f"model.{name}_mask"]
-        if global_count(mask) != entry["active"]:
-            raise ShardedCheckpointError(f"{path}: mask {name} holds {global_count(mask)} active weights, the "
-                                         f"manifest {entry['active']} (corrupt)")
+    _check_masks(path, manifest, {k[len("model."):]: v for k, v in fresh.items() if k.startswith("model.")})
     # everything read and checked: now change state
     for k, v in own.items():
         local(v).copy_(local(fresh[f"model.{k}"]))
     if optimizer is not None:
         _load_optimizer(model, optimizer, manifest, opt_fresh)
-    sparsifier.load_state_dict(_decode(manifest["engine"]))
-    sparsifier._refresh()
-    sparsifier.apply_masks()
+    if sparsifier is not None:
+        sparsifier.load_state_dict(_decode(manifest["engine"]))
+        sparsifier._refresh()
+        sparsifier.apply_masks()
+
+
+def _check_masks(path: Path, manifest: Mapping[str, Any], model_state: Mapping[str, Tensor]) -> None:
+    """Every mask holds the count in the manifest and every weight outside its mask is exactly 0
+    (counted over every shard: a collective on sharded tensors)."""
+    for name, entry in manifest["layers"].items():
+        mask, weight = model_state.get(f"{name}_mask"), model_state.get(name)
+        if mask is None or weight is None:
+            raise ShardedCheckpointError(f"{path} lacks the weight or the mask of {name}")
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(weight.shape):
+            raise ShardedCheckpointError(f"{path}: the mask of {name} is not a bool tensor of its weight's shape")
+        if global_count(mask) != entry["active"]:
+            raise ShardedCheckpointError(f"{path}: mask {name} holds {global_count(mask)} active weights, the "
+                                         f"manifest {entry['active']} (corrupt)")
+        outside = total_like(int(local(weight)[~local(mask)].count_nonzero()), weight)
+        if outside:
+            raise ShardedCheckpointError(f"{path}: {name} has {outside:,} nonzero weights outside its mask; a "
+                                         "checkpoint is exactly sparse (corrupt)")
+
+
+@torch.no_grad()
+def read_sharded_model(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The model state of a sharded checkpoint, whole, in one process and with no model built (an
+    export): the files verified against the manifest (any identity), the tensors read at the
+    global shapes DCP's metadata records, the masks checked as :func:`load_sharded` does."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    manifest = read_manifest(path, None)
+    metadata = _read_metadata(path)
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+             for k, m in metadata.state_dict_metadata.items()
+             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    if not state:
+        raise ShardedCheckpointError(f"{path} holds no model tensors")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=_reader(path), no_dist=True)
+    model = {k[len("model."):]: v for k, v in state.items()}
+    _check_masks(path, manifest, model)
+    return model
 
 
 def _optimizer_template(model: nn.Module, optimizer: Any, manifest: Mapping[str, Any]) -> dict[str, Tensor]:

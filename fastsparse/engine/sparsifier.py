@@ -279,7 +279,9 @@ class Sparsifier:
                 if self.sharded:
                     new = sharded_update(g.algorithm, g.params, self.optimizer, clock, self.seed)
                     if new is not None:
-                        plans.append((g, (new[0], None)))
+                        plans.append((g, (new[0], new[2])))
+                        if not g.algorithm.keeps_count:   # pruning: the count the rank check expects moves
+                            self._expected.update((sp.name, c) for sp, c in zip(g.params, new[1]))
                     continue
                 new = g.algorithm.update_masks(g.params, self.optimizer, clock, self.seed)
                 if new is not None:

@@ -250,7 +250,8 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder, or a folder o
 @app.command()
 @one_line_errors
 def export(
-    source: Path = typer.Argument(..., help="A run folder (its checkpoint.pt) or a checkpoint file."),
+    source: Path = typer.Argument(
+        ..., help="A run folder (its checkpoint.pt, or checkpoint.dcp under FSDP) or a checkpoint file."),
     out: Path = typer.Option(..., "--out", help="The compressed file to write (safetensors)."),
     format: str = typer.Option("auto", "--format", help="auto (smaller of the two per tensor), bitmask or csr."),
 ) -> None:

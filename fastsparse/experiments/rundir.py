@@ -4,6 +4,7 @@
     run.json         where the config came from, and when
     execution.json   how each sparse layer runs (sparse or masked) and why; a resumed run replays it
     checkpoint.pt    model, optimizer, LR schedule, sparsifier, phase, data-order RNG, epoch, metrics
+    checkpoint.dcp/  instead, under parallel: fsdp: the same, sharded (:mod:`.sharded_runs`; no model.pt)
     metrics.jsonl    one line per epoch (also metrics.csv); updates.jsonl, one line per mask update
     model.pt         final weights and masks (masked form, also for sparse-executed layers)
     summary.json     written last: its presence marks the run complete

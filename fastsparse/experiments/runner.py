@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +30,6 @@ from ..core.flops import forward_flops
 from ..core.schedules import Clock
 from ..core.sharded import is_sharded
 from ..core.sparse_linear import dense_state_dict
-from ..engine.fsdp import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from ..recipes.base import PhaseParts, RunContext
 from .config import ExperimentConfig, config_hash
 from .experiment import Experiment, make_optimizer, prepare, ranks, train_batches
@@ -39,6 +39,10 @@ from .checkpoint import ResumeError, check_fit, check_identity, check_masks, lef
 from .lock import RunLocked, hold_run_folder
 from .rundir import (
     RunFolderError, atomic_save, atomic_write, config_diff, find_changed_run, run_dir_for, saved_config, to_yaml,
+)
+from .sharded_runs import (
+    CHECKPOINT_DIR, counters_of, has_checkpoint, leftover_folders, load_run_checkpoint, read_run_checkpoint, recover,
+    save_run_checkpoint,
 )
 
 __all__ = ["run", "prepare", "Experiment", "RunInterrupted", "ResumeError", "RunFolderError", "RunLocked",
@@ -68,7 +72,11 @@ def run(config: ExperimentConfig | dict, out: str | os.PathLike = "runs", *, res
         log.warning("%s", note)
     out = Path(out)
     run_dir = run_dir_for(exp.resolved, out)
-    ckpt_path = run_dir / "checkpoint.pt"
+    sharded = _sharded(exp.model)   # parallel: fsdp under torchrun: sharded checkpoints (.sharded_runs)
+    ckpt_path = run_dir / (CHECKPOINT_DIR if sharded else "checkpoint.pt")
+
+    def has_ckpt() -> bool:
+        return has_checkpoint(run_dir) if sharded else ckpt_path.is_file()
     saved = saved_config(run_dir) if (run_dir / "config.yaml").is_file() else None
     if saved is not None and saved != exp.resolved:
         diff = "; ".join(config_diff(saved, exp.resolved))
@@ -91,16 +99,21 @@ def run(config: ExperimentConfig | dict, out: str | os.PathLike = "runs", *, res
     with hold_run_folder(run_dir):
         if (run_dir / "summary.json").is_file():   # finished by the process that held the lock before us
             return json.loads((run_dir / "summary.json").read_text())
+        if sharded:
+            recover(run_dir)
         if resume == "auto":
-            resume = ckpt_path.is_file()
-        if resume and not ckpt_path.is_file():
+            resume = has_ckpt()
+        if resume and not has_ckpt():
             log.warning("%s has no checkpoint yet; starting it from the beginning", run_dir)
-        if not resume and ckpt_path.is_file():
+        if not resume and has_ckpt():
             raise ResumeError(f"{run_dir} holds an interrupted run of this config: pass --resume to continue it, "
                               f"or delete the folder to start over")
         if resume:
             exp = _replay_execution(exp, config, run_dir)
-        state = _verified_checkpoint(exp, ckpt_path) if resume and ckpt_path.is_file() else None
+        state = None
+        if resume and has_ckpt():
+            state = read_run_checkpoint(run_dir, exp.resolved) if sharded else _verified_checkpoint(exp, ckpt_path)
+            _check_position(exp, state, ckpt_path)
         return _train(exp, run_dir, state, ckpt_path, source, progress, max(1, checkpoint_every), on_epoch_end)
 
 
@@ -111,6 +124,9 @@ def _open_folder(exp: Experiment, run_dir: Path, source: str | None) -> None:
         for leftover in leftover_files(run_dir):
             log.warning("removing %s, left by a process killed while writing it", leftover)
             leftover.unlink()
+        for folder in leftover_folders(run_dir):
+            log.warning("removing %s, left by a process killed while writing it", folder)
+            shutil.rmtree(folder)
     atomic_write(run_dir / "config.yaml", to_yaml(exp.resolved))
     if not (run_dir / "run.json").is_file():
         atomic_write(run_dir / "run.json", json.dumps({"source": source, "hash": config_hash(exp.resolved),
@@ -124,12 +140,16 @@ def _verified_checkpoint(exp: Experiment, path: Path) -> dict[str, Any]:
     state = read_checkpoint(path)
     check_identity(state, exp.resolved, path)
     check_masks(state, path)
+    return state
+
+
+def _check_position(exp: Experiment, state: dict[str, Any], path: Path) -> None:
+    """The checkpoint's phase and epoch lie inside this run."""
     starts = [sum(p.epochs for p in exp.phases[:i]) for i in range(len(exp.phases))]
     phase, epoch = state["phase"], state["epoch"]
     if not 0 <= phase < len(exp.phases) or not starts[phase] <= epoch <= starts[phase] + exp.phases[phase].epochs:
         raise ResumeError(f"{path}: phase {phase}, epoch {epoch} lie outside this run's "
                           f"{len(exp.phases)} phases of {[p.epochs for p in exp.phases]} epochs (corrupt)")
-    return state
 
 
 def _execution_of(exp: Experiment) -> dict[str, dict[str, Any]]:
@@ -179,15 +199,12 @@ class _Phase:
     def state(self) -> dict[str, Any]:
         sp = self.parts.sparsifier
         opt = self.parts.optimizer
-        return {"phase": self.index, "optimizer": full_optimizer_state(opt) if _sharded(opt) else opt.state_dict(),
+        return {"phase": self.index, "optimizer": opt.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "sparsifier": sp.state_dict() if sp is not None else None,
                 "phase_state": self.parts.state()}
 
     def load(self, state: dict[str, Any]) -> None:
-        if _sharded(self.parts.optimizer):
-            load_full_optimizer_state(self.parts.optimizer, state["optimizer"])
-        else:
-            self.parts.optimizer.load_state_dict(state["optimizer"])
+        self.parts.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.parts.sparsifier is not None:
             self.parts.sparsifier.load_state_dict(state["sparsifier"])
@@ -248,12 +265,13 @@ def _resume(exp: Experiment, ctx: RunContext, state: dict[str, Any], path: Path,
     loaded after their fit is checked (a verified checkpoint of this config always fits)."""
     try:
         current = _Phase(exp, state["phase"], exp.phases[state["phase"]].start(ctx, state["phase_state"]), first_epoch)
-        check_fit(state, exp.model, current.parts.optimizer, path)
-        if _sharded(exp.model):   # a whole state: each rank takes its rows
-            load_full_model_state(exp.model, state["model"])
+        if "sharded" in state:   # each rank reads its shards, verified before anything changes
+            load_run_checkpoint(state, exp.model, current.parts.optimizer, current.parts.sparsifier, exp.resolved)
+            current.scheduler.load_state_dict(state["scheduler"])
         else:
+            check_fit(state, exp.model, current.parts.optimizer, path)
             exp.model.load_state_dict(state["model"])
-        current.load(state)
+            current.load(state)
         torch.set_rng_state(state["torch_rng"])
     except ResumeError:
         raise
@@ -268,12 +286,6 @@ def _sharded(holder: Any) -> bool:
     params = holder.parameters() if isinstance(holder, nn.Module) else \
         (p for g in holder.param_groups for p in g["params"])
     return is_sharded(next(iter(params), None))
-
-
-def _model_state(model: nn.Module, whole: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """What checkpoints and ``model.pt`` hold: ``whole()``, or a sharded model gathered (on every
-    rank, since gathering is a collective; rank 0 writes it)."""
-    return full_model_state(model) if _sharded(model) else whole()
 
 
 def _label_of(exp: Experiment) -> str:
@@ -378,8 +390,15 @@ def _sum_over_ranks(*values: float) -> list[float]:
 
 def _checkpoint(run_dir: Path, exp: Experiment, current: _Phase, epoch: int, order: torch.Generator,
                 metrics: list[dict[str, Any]], updates: list[dict[str, Any]], acc: dict[str, Any]) -> None:
-    """Everything a resumed run needs to continue bit for bit, written atomically."""
-    state = {"epoch": epoch, "model": _model_state(exp.model, exp.model.state_dict), **current.state(), "data_rng": order.get_state(),
+    """Everything a resumed run needs to continue bit for bit, written atomically (under FSDP
+    sharded, by every rank: nothing is gathered)."""
+    if _sharded(exp.model):
+        counters = counters_of(epoch, current.index, current.scheduler, current.parts.state(), order, metrics,
+                               updates, acc, exp.resolved)
+        save_run_checkpoint(run_dir, exp.model, current.parts.optimizer, current.parts.sparsifier, exp.resolved,
+                            counters)
+        return
+    state = {"epoch": epoch, "model": exp.model.state_dict(), **current.state(), "data_rng": order.get_state(),
              "torch_rng": torch.get_rng_state(), "metrics": metrics, "updates": updates, "accumulators": acc,
              "config_hash": config_hash(exp.resolved), "config": exp.resolved}
     save_checkpoint(state, run_dir / "checkpoint.pt")
@@ -387,11 +406,14 @@ def _checkpoint(run_dir: Path, exp: Experiment, current: _Phase, epoch: int, ord
 
 def _finish(exp: Experiment, sparsifier: Any, run_dir: Path, metrics: list[dict[str, Any]], acc: dict[str, Any],
             f_dense: float) -> dict[str, Any]:
-    """Final weights, then ``summary.json``: the mark of a complete run."""
+    """Final weights, then ``summary.json``: the mark of a complete run. Under FSDP the final
+    weights are the last sharded checkpoint (``checkpoint.dcp``, written after the last epoch;
+    ``fastsparse export`` reads it in one process): nothing is gathered, no ``model.pt``."""
     result = summary(exp, sparsifier, metrics, acc, f_dense, run_dir)
     if (run_dir / "execution.json").is_file():
         result["execution"] = json.loads((run_dir / "execution.json").read_text())
-    atomic_save(_model_state(exp.model, lambda: dense_state_dict(exp.model)), run_dir / "model.pt")   # masked form, whatever the execution
+    if not _sharded(exp.model):
+        atomic_save(dense_state_dict(exp.model), run_dir / "model.pt")   # masked form, whatever the execution
     atomic_write(run_dir / "summary.json", json.dumps(result, indent=1))
     log.info("%s: test accuracy %.4f, sparsity %.4f, %.1f s -> %s", result["method"], result["test_accuracy"],
              result["sparsity"], result["train_seconds"], run_dir)
