@@ -337,3 +337,21 @@ def test_topk_inactive_large_k(block_rows, kind):
         got = topk_inactive_by_grad(x, gy, st, k, block_rows=block_rows)
         ref = topk_inactive_reference(x, gy, M, k)
         assert torch.equal(got, ref), k
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n", [0, 5, (1 << 18) - 1, (1 << 18) + 7])
+def test_gather_split_over_threads_equals_index_select(n, threads):
+    from fastsparse.core.sparse_linear import PARALLEL_GATHER, gather
+
+    assert PARALLEL_GATHER == 1 << 18   # the sizes above straddle it
+    g = torch.Generator().manual_seed(n)
+    values = torch.randn(n + 11, generator=g)
+    index = torch.randperm(n + 11, generator=g)[:n].to(torch.int32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = gather(values, index)
+    finally:
+        torch.set_num_threads(before)
+    assert out.dtype == values.dtype and torch.equal(out, values.index_select(0, index))
