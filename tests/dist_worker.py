@@ -34,8 +34,6 @@ import datetime
 import math
 import os
 import re
-import sys
-import traceback
 import warnings
 
 import torch
@@ -47,6 +45,7 @@ import fastsparse as sparse
 from fastsparse.experiments.data import load_digits_split
 from fastsparse.core.masks import sparse_params
 from fastsparse.experiments.models import MLP
+from helpers import finish
 
 SIZES = (64, 128, 64, 10)
 SPARSITY = 0.9
@@ -222,20 +221,13 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
-    code = 0
-    try:
+
+    def body():
         result = agree(rank, world) if args.scenario == "agree" else diverge(rank, world)
         result["rank"], result["world"] = rank, world
         torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
-    except BaseException:
-        with open(os.path.join(args.out, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code == 0:
-        dist.destroy_process_group()
-    os._exit(code)
+
+    finish(body, os.path.join(args.out, f"rank{rank}.err"))
 
 
 if __name__ == "__main__":

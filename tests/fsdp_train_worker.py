@@ -21,14 +21,13 @@ import hashlib
 import json
 import os
 import shutil
-import sys
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from fastsparse.experiments.runner import RunInterrupted, run
+from helpers import finish
 
 CFG = {"seed": 0, "epochs": 4, "device": "cpu", "model": {"name": "mlp", "sizes": [64, 128, 10]},
        "data": {"name": "digits", "batch_size": 32}, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
@@ -84,8 +83,8 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
-    code = 0
-    try:
+
+    def body():
         import yaml
 
         out = Path(args.out)
@@ -125,15 +124,8 @@ def main() -> None:
                     granet_resumed=granet_resumed["run_dir"])
         with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
             json.dump(seen, f)
-    except BaseException:
-        with open(os.path.join(args.out, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code == 0:
-        dist.destroy_process_group()
-    os._exit(code)
+
+    finish(body, os.path.join(args.out, f"rank{rank}.err"))
 
 
 if __name__ == "__main__":

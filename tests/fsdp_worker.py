@@ -30,8 +30,6 @@ import argparse
 import copy
 import datetime
 import os
-import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -44,6 +42,7 @@ from fastsparse.core.masks import sparse_params
 from fastsparse.core.sharded import local, shard_like, sharded_topk_among
 from fastsparse.experiments.data import load_digits_split
 from fastsparse.experiments.models import MLP, SmallCNN
+from helpers import finish
 
 SIZES = (64, 128, 64, 10)
 BATCH = 32
@@ -366,25 +365,17 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
-    code = 0
-    try:
+    name = f"{args.scenario}-rank{rank}" if args.scenario == "reload" else f"rank{rank}"
+
+    def body():
         if args.scenario in ("dcp", "reload"):
             result = globals()[args.scenario](rank, world, args.out)
         else:
             result = globals()[args.scenario](rank, world)
         result["rank"], result["world"] = rank, world
-        torch.save(result, os.path.join(args.out, f"{args.scenario}-rank{rank}.pt" if args.scenario == "reload"
-                                        else f"rank{rank}.pt"))
-    except BaseException:
-        with open(os.path.join(args.out, f"{args.scenario}-rank{rank}.err" if args.scenario == "reload"
-                               else f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code == 0:
-        dist.destroy_process_group()
-    os._exit(code)
+        torch.save(result, os.path.join(args.out, f"{name}.pt"))
+
+    finish(body, os.path.join(args.out, f"{name}.err"))
 
 
 if __name__ == "__main__":

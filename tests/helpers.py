@@ -71,3 +71,81 @@ def layer_input(shape, g: torch.Generator):
     if len(shape) == 2:
         return torch.randn(3, shape[1], generator=g)
     return torch.randn(2, shape[1], shape[2] + 1, shape[3] + 1, generator=g)
+
+
+# --- several processes: a test launches torchrun, a worker ends through finish() ------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(worker: str, args: list[str], ranks: int = 2, timeout: float = 120) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``worker`` run on ``ranks`` processes (gloo, one thread
+    each, this folder and the repository importable). A launch that outlives ``timeout`` is a hang:
+    it is killed with all its workers (a session of its own) and the test fails."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import pytest
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(ranks),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), worker, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=here,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun {' '.join(args)} did not finish in {timeout} s (a hang)\nstdout:\n{stdout[-3000:]}\n"
+                    f"stderr:\n{stderr[-5000:]}")
+    return proc.returncode, stdout, stderr
+
+
+def rank_results(worker: str, args: list[str], out_dir, ranks: int = 2, prefix: str = "", timeout: float = 120,
+                 weights_only: bool = True) -> list:
+    """Launch ``worker`` and read back what each rank saved as ``<out_dir>/<prefix>rank<r>.pt``; a
+    rank that wrote ``.err`` instead, or wrote nothing, fails the test with the workers' output."""
+    import pytest
+
+    code, stdout, stderr = torchrun(worker, args, ranks, timeout)
+    errors = {r: (out_dir / f"{prefix}rank{r}.err").read_text() for r in range(ranks)
+              if (out_dir / f"{prefix}rank{r}.err").exists()}
+    missing = [r for r in range(ranks) if not (out_dir / f"{prefix}rank{r}.pt").exists()]
+    if errors or missing or code != 0:
+        pytest.fail(f"torchrun {' '.join(args)}: exit {code}, ranks without results {missing}\n"
+                    f"worker errors: {errors}\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}")
+    return [torch.load(out_dir / f"{prefix}rank{r}.pt", weights_only=weights_only) for r in range(ranks)]
+
+
+def finish(body, err_path: str) -> None:
+    """A torchrun worker's end: run ``body``; if it fails, write its traceback to ``err_path``.
+    Then flush, leave the process group (only after a success: a failed rank's peers may be gone)
+    and exit at once, since torch's own teardown sometimes aborts a worker."""
+    import os
+    import sys
+    import traceback
+
+    import torch.distributed as dist
+
+    code = 0
+    try:
+        body()
+    except BaseException:
+        with open(err_path, "w") as f:
+            f.write(traceback.format_exc())
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == 0:
+        dist.destroy_process_group()
+    os._exit(code)

@@ -10,13 +10,11 @@ The worker is tests/dist_worker.py; each scenario is one launch (~10 s on 2 CPU 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from helpers import rank_results
 
 pytestmark = pytest.mark.distributed
 
@@ -25,34 +23,8 @@ WORKER = os.path.join(HERE, "dist_worker.py")
 LAUNCH_TIMEOUT = 120
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(scenario: str, out_dir) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           WORKER, "--scenario", scenario, "--out", str(out_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")])}
-    # a session of its own, so that a launch that hangs is killed with all its workers
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun {scenario} did not finish in {LAUNCH_TIMEOUT} s\nstdout:\n{stdout[-3000:]}\n"
-                    f"stderr:\n{stderr[-5000:]}")
-    errors = {r: (out_dir / f"rank{r}.err").read_text() for r in range(2) if (out_dir / f"rank{r}.err").exists()}
-    missing = [r for r in range(2) if not (out_dir / f"rank{r}.pt").exists()]
-    if errors or missing or proc.returncode != 0:
-        pytest.fail(f"torchrun {scenario}: exit {proc.returncode}, ranks without results {missing}\n"
-                    f"worker errors: {errors}\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return rank_results(WORKER, ["--scenario", scenario, "--out", str(out_dir)], out_dir, timeout=LAUNCH_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

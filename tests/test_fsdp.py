@@ -13,13 +13,11 @@ before anything changes. The worker is tests/fsdp_worker.py (one launch per scen
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from helpers import rank_results
 
 pytestmark = pytest.mark.distributed
 
@@ -30,34 +28,10 @@ RUNS = ["static-mlp-same", "set-mlp-same", "rigl-mlp-same", "set-cnn-same", "rig
 PRUNING = ["gmp-mlp-same", "gmpglobal-mlp-same", "gmpglobal-cnn-same", "granet-mlp-same", "granetglobal-cnn-same"]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(scenario: str, out_dir, ranks: int = 2) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(ranks),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           WORKER, "--scenario", scenario, "--out", str(out_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun {scenario} did not finish in {LAUNCH_TIMEOUT} s (a hang)\nstderr:\n{stderr[-5000:]}")
     prefix = f"{scenario}-" if scenario == "reload" else ""
-    errors = {r: (out_dir / f"{prefix}rank{r}.err").read_text() for r in range(ranks)
-              if (out_dir / f"{prefix}rank{r}.err").exists()}
-    missing = [r for r in range(ranks) if not (out_dir / f"{prefix}rank{r}.pt").exists()]
-    if errors or missing or proc.returncode != 0:
-        pytest.fail(f"torchrun {scenario}: exit {proc.returncode}, ranks without results {missing}\n"
-                    f"worker errors: {errors}\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}")
-    return [torch.load(out_dir / f"{prefix}rank{r}.pt", weights_only=True) for r in range(ranks)]
+    return rank_results(WORKER, ["--scenario", scenario, "--out", str(out_dir)], out_dir, ranks, prefix,
+                        LAUNCH_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,6 @@ identical masks (tests/lightning_worker.py, launched with torchrun)."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 
 import lightning.pytorch as pl
 import pytest
@@ -17,6 +14,7 @@ from fastsparse.experiments.config import ConfigError
 from fastsparse.core.distributions import erdos_renyi_sparsity
 from fastsparse.integrations.lightning import SparseLightningCallback
 from fastsparse.core.masks import n_keep, sparse_params
+from helpers import rank_results
 from lightning_worker import FREQ, SPARSITY, DigitsModule, digits_loader, rigl, summary, trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -143,27 +141,11 @@ def test_bad_arguments_fail_at_construction(tmp_path):
 
 # --- two processes ---------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("lightning_ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           os.path.join(HERE, "lightning_worker.py"), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
-    errors = {r: (out / f"rank{r}.err").read_text() for r in range(2) if (out / f"rank{r}.err").exists()}
-    missing = [r for r in range(2) if not (out / f"rank{r}.pt").exists()]
-    if errors or missing or proc.returncode != 0:
-        pytest.fail(f"torchrun: exit {proc.returncode}, ranks without results {missing}\nworker errors: {errors}\n"
-                    f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return rank_results(os.path.join(HERE, "lightning_worker.py"), ["--out", str(out)], out, timeout=300)
 
 
 @pytest.mark.distributed

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from fastsparse.engine.sharded_checkpoint import read_sharded_model
+from helpers import torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -29,19 +27,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_train")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           os.path.join(HERE, "fsdp_train_worker.py"), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+    code, _, stderr = torchrun(os.path.join(HERE, "fsdp_train_worker.py"), ["--out", str(out)], timeout=240)
     errors = [p.read_text() for p in out.glob("rank*.err")]
-    assert proc.returncode == 0 and not errors, f"{errors}\n{stderr[-4000:]}"
+    assert code == 0 and not errors, f"{errors}\n{stderr[-4000:]}"
     seen = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert seen[0] == seen[1] and seen[0]["interrupted"]
     return {k: Path(v) if k in ("whole", "resumed", "ddp", "granet", "granet_resumed") else v

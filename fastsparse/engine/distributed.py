@@ -60,6 +60,18 @@ def _min_max(t: Tensor) -> tuple[Tensor, Tensor]:
     return lo.cpu(), hi.cpu()
 
 
+def check_same_count(n_masks: int, step: int) -> None:
+    """Raise :class:`MaskDisagreement` on every rank unless every rank holds ``n_masks`` sparse
+    parameters (checked first, so that mismatched ranks refuse instead of failing inside a
+    collective of mismatched sizes)."""
+    lo, hi = _min_max(torch.tensor([n_masks], dtype=torch.int64, device=_collective_device()))
+    if int(lo) != int(hi):
+        raise MaskDisagreement(
+            f"at step {step} the ranks hold different numbers of sparse parameters (between {int(lo)} and "
+            f"{int(hi)}; this rank, {dist.get_rank()}, holds {n_masks}): every rank must build the same model "
+            "and select the same parameters")
+
+
 def check_agreement(names: Sequence[str], masks: Sequence[Tensor], step: int) -> None:
     """Raise :class:`MaskDisagreement` on every rank if any rank's masks differ from another's.
 
@@ -69,12 +81,7 @@ def check_agreement(names: Sequence[str], masks: Sequence[Tensor], step: int) ->
     if not is_distributed():
         return
     device = _collective_device()
-    lo, hi = _min_max(torch.tensor([len(masks)], dtype=torch.int64, device=device))
-    if int(lo) != int(hi):
-        raise MaskDisagreement(
-            f"at step {step} the ranks hold different numbers of sparse parameters (between {int(lo)} and "
-            f"{int(hi)}; this rank, {dist.get_rank()}, holds {len(masks)}): every rank must build the same model "
-            "and select the same parameters")
+    check_same_count(len(masks), step)
     lo, hi = _min_max(mask_checksums(masks, names).to(device))
     differ = (hi != lo).any(dim=1)
     if differ.any():

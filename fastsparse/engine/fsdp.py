@@ -242,15 +242,10 @@ def check_sharded_agreement(names: Sequence[str], masks: Sequence[Tensor], expec
     global digests (hex)."""
     import torch.distributed as dist
 
-    from .distributed import _collective_device, _min_max
+    from .distributed import _collective_device, _min_max, check_same_count
 
     device = _collective_device()
-    lo, hi = _min_max(torch.tensor([len(masks)], dtype=torch.int64, device=device))
-    if int(lo) != int(hi):
-        raise MaskDisagreement(
-            f"at step {step} the ranks hold different numbers of sparse parameters (between {int(lo)} and "
-            f"{int(hi)}; this rank, {dist.get_rank()}, holds {len(masks)}): every rank must build the same model "
-            "and select the same parameters")
+    check_same_count(len(masks), step)
     rows, digests = [], []
     for name, m, e in zip(names, masks, expected):
         mine = torch.tensor(list(struct.unpack("<4q", shard_digest(name, m))) + [int(local(m).count_nonzero())],
