@@ -21,7 +21,9 @@ Scenarios (``--scenario``):
   dcp       a sharded checkpoint (torch.distributed.checkpoint) after 25 steps of RigL; training on
             25 steps from it, and from a fresh model that loads it (bit for bit the same); loads
             refused before any change: another identity, a missing shard, a corrupted shard, a
-            .metadata that names a function; the whole state at the save for the one-process load.
+            .metadata pickling a function (never read) with a manifest whose checksums match and
+            whose metadata points a chunk outside the folder; the whole state at the save for the
+            one-process load.
   reload    (3 ranks) the checkpoint of ``dcp``, saved by 2 ranks, loaded into 3 shards.
 """
 from __future__ import annotations
@@ -322,6 +324,8 @@ def dcp(rank: int, world: int, out: str) -> dict:
         manifest = json.loads((root / "crafted" / "manifest.json").read_text())
         raw = (root / "crafted" / ".metadata").read_bytes()
         manifest["files"][".metadata"] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+        # checksums rewritten to match, and a chunk pointed at a file outside the checkpoint
+        manifest["dcp"]["storage"][0]["file"] = "../corrupt/__0_0.distcp"
         (root / "crafted" / "manifest.json").write_text(json.dumps(manifest))
     dist.barrier()
     model3, opt3, eng3 = engine()

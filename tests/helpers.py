@@ -111,8 +111,7 @@ def torchrun(worker: str, args: list[str], ranks: int = 2, timeout: float = 120)
     return proc.returncode, stdout, stderr
 
 
-def rank_results(worker: str, args: list[str], out_dir, ranks: int = 2, prefix: str = "", timeout: float = 120,
-                 weights_only: bool = True) -> list:
+def rank_results(worker: str, args: list[str], out_dir, ranks: int = 2, prefix: str = "", timeout: float = 120) -> list:
     """Launch ``worker`` and read back what each rank saved as ``<out_dir>/<prefix>rank<r>.pt``; a
     rank that wrote ``.err`` instead, or wrote nothing, fails the test with the workers' output."""
     import pytest
@@ -124,7 +123,7 @@ def rank_results(worker: str, args: list[str], out_dir, ranks: int = 2, prefix: 
     if errors or missing or code != 0:
         pytest.fail(f"torchrun {' '.join(args)}: exit {code}, ranks without results {missing}\n"
                     f"worker errors: {errors}\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}")
-    return [torch.load(out_dir / f"{prefix}rank{r}.pt", weights_only=weights_only) for r in range(ranks)]
+    return [torch.load(out_dir / f"{prefix}rank{r}.pt", weights_only=True) for r in range(ranks)]
 
 
 def finish(body, err_path: str) -> None:

@@ -195,7 +195,7 @@ def test_a_training_run_streams_a_generated_folder_through_the_cli(tmp_path):
     drop = ("seconds",)
     assert [{k: v for k, v in m.items() if k not in drop} for m in lines] == \
         [{k: v for k, v in m.items() if k not in drop} for m in again]
-    a, b = torch.load(run_dir / "model.pt"), torch.load(other / "model.pt")
+    a, b = torch.load(run_dir / "model.pt", weights_only=True), torch.load(other / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a) and resumed["test_accuracy"] == summary["test_accuracy"]
 
 

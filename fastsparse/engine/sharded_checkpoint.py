@@ -11,8 +11,9 @@ one process (DCP reshards):
 1. ``manifest.json`` is read as JSON; its identity must equal the caller's, its layers the engine's;
 2. every file it lists must be there with its size and SHA-256 (a missing shard, a truncated or
    corrupted file is refused, naming it);
-3. DCP's ``.metadata`` is unpickled by an unpickler that knows only DCP's metadata classes
-   (anything else is refused; nothing executes), its tensors are read with ``weights_only``;
+3. DCP's own ``.metadata`` (a pickle) is never read: the manifest holds the same metadata as
+   JSON (each tensor's dtype, shape and chunks; each chunk's file, offset and length), checked
+   field by field and rebuilt into DCP's classes; the tensors are read with ``weights_only``;
 4. everything is read into fresh tensors first; only then are the model, optimizer and engine
    changed, and the masks' counts are checked against the manifest.
 
@@ -26,8 +27,6 @@ import base64
 import hashlib
 import json
 import os
-import pathlib
-import pickle
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -145,75 +144,112 @@ def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer: Any, spar
     engine = _encode(sparsifier.state_dict()) if sparsifier is not None else None
     extra = _encode(dict(extra or {}))
     layers = _layers(sparsifier)
-    dcp.save(state, checkpoint_id=str(path), no_dist=not _distributed())
+    metadata = dcp.save(state, checkpoint_id=str(path), no_dist=not _distributed())   # the same on every rank
     _barrier()
     if _rank() == 0:
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(path.iterdir())
                  if p.is_file() and p.name != MANIFEST}
         manifest = {"format": _FORMAT, "identity": json.loads(json.dumps(dict(identity))), "layers": layers,
-                    "optimizer": opt_meta, "engine": engine, "extra": extra, "files": files}
+                    "optimizer": opt_meta, "engine": engine, "extra": extra, "dcp": _metadata_to_json(metadata),
+                    "files": files}
         tmp = path / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, path / MANIFEST)
     _barrier()
 
 
-# --- loading ------------------------------------------------------------------------------
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    from torch.distributed.checkpoint import filesystem, metadata
-    from torch.serialization import _get_layout
-
-    allowed = {("pathlib", "PosixPath"): pathlib.PosixPath, ("pathlib", "WindowsPath"): pathlib.PurePosixPath,
-               ("torch", "Size"): torch.Size, ("torch.serialization", "_get_layout"): _get_layout,
-               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo}
-    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-                 "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"):
-        allowed[("torch.distributed.checkpoint.metadata", name)] = getattr(metadata, name)
-    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool, torch.int64, torch.int32,
-                  torch.int16, torch.int8, torch.uint8):
-        allowed[("torch", str(dtype).split(".")[1])] = dtype
-    return allowed
+# --- DCP's metadata as JSON ------------------------------------------------------------------
+_DTYPES = {str(d).split(".")[1]: d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool,
+                                             torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)}
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's ``.metadata`` and nothing else: only its own data classes may be named."""
+def _metadata_to_json(metadata: Any) -> dict[str, Any]:
+    """What DCP pickles into ``.metadata``, as plain data: per tensor its dtype, global size and
+    chunks; per chunk the file, offset and length of its bytes."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    allowed = None
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = type(self).allowed or _allowed_globals()
-        type(self).allowed = allowed
-        if (module, name) not in allowed:
-            raise ShardedCheckpointError(f"the checkpoint's .metadata names {module}.{name}, which DCP metadata "
-                                         "never holds; refusing to load it")
-        return allowed[(module, name)]
-
-
-def _read_metadata(path: Path) -> Any:
-    """DCP's ``.metadata``, through the restricted unpickler; a clear error for anything else."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    with open(path / ".metadata", "rb") as f:
-        try:
-            metadata = _MetadataUnpickler(f).load()
-        except ShardedCheckpointError:
-            raise
-        except Exception as e:   # noqa: BLE001 - any corruption of the file
-            raise ShardedCheckpointError(f"{path / '.metadata'} cannot be read: {type(e).__name__}") from None
-    if not isinstance(metadata, Metadata):
-        raise ShardedCheckpointError(f"{path / '.metadata'} holds a {type(metadata).__name__}, not DCP metadata")
-    return metadata
+    tensors = {}
+    for key, m in metadata.state_dict_metadata.items():
+        p = getattr(m, "properties", None)
+        if not isinstance(m, TensorStorageMetadata) or p.layout != torch.strided or str(p.dtype).split(".")[1] not in _DTYPES:
+            raise ShardedCheckpointError(f"{key} is not a dense tensor of a plain dtype; a sharded checkpoint holds "
+                                         "only those")
+        tensors[key] = {"dtype": str(p.dtype).split(".")[1], "size": list(m.size), "requires_grad": p.requires_grad,
+                        "chunks": [[list(c.offsets), list(c.sizes)] for c in m.chunks]}
+    storage = [{"fqn": i.fqn, "offset": None if i.offset is None else list(i.offset), "index": i.index,
+                "file": info.relative_path, "start": info.offset, "length": info.length,
+                "transforms": list(info.transform_descriptors or [])}
+               for i, info in metadata.storage_data.items()]
+    planner = {k: list(v) for k, v in (metadata.planner_data or {}).items()}
+    return {"version": metadata.version, "tensors": tensors, "storage": storage, "planner": planner}
 
 
-def _reader(path: Path):
+def _ints(value: Any, what: str) -> torch.Size:
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+        raise ShardedCheckpointError(f"{what} is not a list of non-negative integers (corrupt manifest)")
+    return torch.Size(value)
+
+
+def _metadata_from_json(path: Path, manifest: Mapping[str, Any]) -> Any:
+    """DCP's ``Metadata`` rebuilt from the verified manifest, every field checked: known dtypes,
+    sizes of non-negative integers, chunks inside their tensor, bytes inside a file the manifest
+    lists (by plain name, in this folder)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
+                                                       TensorProperties, TensorStorageMetadata)
+
+    saved = manifest.get("dcp")
+    if not isinstance(saved, dict) or not isinstance(saved.get("tensors"), dict) or not isinstance(
+            saved.get("storage"), list) or not isinstance(saved.get("planner"), dict):
+        raise ShardedCheckpointError(f"{path / MANIFEST} lacks DCP's metadata (corrupt, or written by another version)")
+    tensors = {}
+    for key, t in saved["tensors"].items():
+        if not isinstance(t, dict) or t.get("dtype") not in _DTYPES or not isinstance(t.get("chunks"), list):
+            raise ShardedCheckpointError(f"{path / MANIFEST}: tensor {key!r} has no known dtype or chunks (corrupt)")
+        size = _ints(t.get("size"), f"the size of {key!r}")
+        chunks = []
+        for chunk in t["chunks"]:
+            if not isinstance(chunk, list) or len(chunk) != 2:
+                raise ShardedCheckpointError(f"{path / MANIFEST}: a chunk of {key!r} is not [offsets, sizes] (corrupt)")
+            offsets, sizes = (_ints(c, f"a chunk of {key!r}") for c in chunk)
+            if len(offsets) != len(size) or len(sizes) != len(size) or any(
+                    o + n > d for o, n, d in zip(offsets, sizes, size)):
+                raise ShardedCheckpointError(f"{path / MANIFEST}: a chunk of {key!r} lies outside it (corrupt)")
+            chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=sizes))
+        properties = TensorProperties(dtype=_DTYPES[t["dtype"]], requires_grad=bool(t.get("requires_grad")))
+        tensors[key] = TensorStorageMetadata(properties=properties, size=size, chunks=chunks)
+    files = manifest["files"]
+    storage = {}
+    for entry in saved["storage"]:
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or name not in files or Path(name).name != name or name == MANIFEST:
+            raise ShardedCheckpointError(f"{path / MANIFEST} points a chunk at {name!r}, not a file of the checkpoint")
+        start, length = entry.get("start"), entry.get("length")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in (start, length)) or \
+                start + length > files[name]["bytes"]:
+            raise ShardedCheckpointError(f"{path / MANIFEST} points a chunk outside {name} (corrupt)")
+        if entry.get("fqn") not in tensors or entry.get("transforms"):
+            raise ShardedCheckpointError(f"{path / MANIFEST}: a chunk of an unknown tensor, or transformed (corrupt)")
+        offset = None if entry.get("offset") is None else _ints(entry["offset"], "a chunk's offset")
+        index = entry.get("index")
+        if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
+            raise ShardedCheckpointError(f"{path / MANIFEST}: a chunk's index is not an integer (corrupt)")
+        storage[MetadataIndex(fqn=entry["fqn"], offset=offset, index=index)] = _StorageInfo(name, start, length)
+    planner = {}
+    for key, where in saved["planner"].items():
+        if not isinstance(where, list) or not all(isinstance(w, (str, int)) for w in where):
+            raise ShardedCheckpointError(f"{path / MANIFEST}: the planner's path of {key!r} is not plain (corrupt)")
+        planner[key] = tuple(where)
+    version = saved.get("version")
+    return Metadata(state_dict_metadata=tensors, planner_data=planner, storage_data=storage,
+                    storage_meta=StorageMeta(), version=version if isinstance(version, str) else None)
+
+
+def _reader(path: Path, metadata: Any):
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
 
     class Reader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any):
-            metadata = _read_metadata(path)
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
+        def read_metadata(self, *args: Any, **kwargs: Any):   # never DCP's pickled .metadata
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
@@ -246,15 +282,17 @@ def read_manifest(path: str | os.PathLike, identity: Mapping[str, Any] | None) -
 
 @torch.no_grad()
 def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: Any, sparsifier: Any,
-                 identity: Mapping[str, Any]) -> None:
+                 identity: Mapping[str, Any], verified: Mapping[str, Any] | None = None) -> None:
     """Load a checkpoint of :func:`save_sharded` into ``model`` (sharded on any number of ranks, or
     whole in one process), ``optimizer`` (None: skip) and ``sparsifier``; refused with
-    :class:`ShardedCheckpointError` before anything changes when it does not verify or fit."""
+    :class:`ShardedCheckpointError` before anything changes when it does not verify or fit.
+    ``verified``: its manifest as :func:`read_manifest` returned it for ``identity`` (the files
+    are then not hashed again)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     path = Path(path)
-    manifest = read_manifest(path, identity)
+    manifest = read_manifest(path, identity) if verified is None else verified
     layers = {sp.name: list(sp.mask.shape) for sp in (sparsifier._sps if sparsifier is not None else [])}
     saved = {k: v.get("shape") for k, v in manifest.get("layers", {}).items()}
     if saved != layers:
@@ -263,11 +301,11 @@ def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: Any, spar
     fresh = {f"model.{k}": torch.empty_like(v.detach()) for k, v in own.items()}
     opt_fresh = _optimizer_template(model, optimizer, manifest) if optimizer is not None else {}
     fresh.update(opt_fresh)
-    _read_metadata(path)   # refused here, on every rank alike, rather than inside DCP's collectives
+    metadata = _metadata_from_json(path, manifest)   # refused here, on every rank alike, not inside DCP's collectives
     try:
         with warnings.catch_warnings():   # one process: DCP warns that it assumes so, which is the intent
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(fresh, storage_reader=_reader(path), no_dist=not _distributed())
+            dcp.load(fresh, storage_reader=_reader(path, metadata), no_dist=not _distributed())
     except (Exception, CheckpointException) as e:   # noqa: BLE001 - DCP's own errors (keys or shapes that do not fit)
         first = (str(e).splitlines() or [type(e).__name__])[0][:300]
         raise ShardedCheckpointError(f"{path} does not fit this model and optimizer: {first}") from None
@@ -307,19 +345,17 @@ def read_sharded_model(path: str | os.PathLike) -> dict[str, Tensor]:
     export): the files verified against the manifest (any identity), the tensors read at the
     global shapes DCP's metadata records, the masks checked as :func:`load_sharded` does."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = Path(path)
     manifest = read_manifest(path, None)
-    metadata = _read_metadata(path)
+    metadata = _metadata_from_json(path, manifest)
     state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
-             for k, m in metadata.state_dict_metadata.items()
-             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+             for k, m in metadata.state_dict_metadata.items() if k.startswith("model.")}
     if not state:
         raise ShardedCheckpointError(f"{path} holds no model tensors")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=_reader(path), no_dist=True)
+        dcp.load(state, storage_reader=_reader(path, metadata), no_dist=True)
     model = {k[len("model."):]: v for k, v in state.items()}
     _check_masks(path, manifest, model)
     return model
