@@ -102,7 +102,8 @@ def save_run_checkpoint(run_dir: Path, model: Any, optimizer: Any, sparsifier: A
 
 def read_run_checkpoint(run_dir: Path, resolved: Mapping[str, Any]) -> dict[str, Any]:
     """The counters of the run folder's checkpoint, after its identity and every file's checksum
-    were verified (:class:`ResumeError` otherwise; nothing changed). ``"sharded"`` holds its path."""
+    were verified (:class:`ResumeError` otherwise; nothing changed). ``"sharded"`` holds its path,
+    ``"manifest"`` the verified manifest."""
     path = Path(run_dir) / CHECKPOINT_DIR
     ours = _identity(resolved)
     try:
@@ -123,14 +124,14 @@ def read_run_checkpoint(run_dir: Path, resolved: Mapping[str, Any]) -> dict[str,
             not isinstance(counters[k], kind) or isinstance(counters[k], bool) for k, kind in _COUNTERS.items()):
         raise ResumeError(f"{path}: its manifest does not hold the counters of a run of fastsparse train (corrupt)")
     rng = {k: torch.frombuffer(bytearray(counters[k]), dtype=torch.uint8) for k in ("data_rng", "torch_rng")}
-    return {**counters, **rng, "sharded": path}
+    return {**counters, **rng, "sharded": path, "manifest": manifest}
 
 
 def load_run_checkpoint(state: Mapping[str, Any], model: Any, optimizer: Any, sparsifier: Any,
                         resolved: Mapping[str, Any]) -> None:
     """Load the verified checkpoint into the sharded model, its optimizer and engine (every rank)."""
     try:
-        load_sharded(state["sharded"], model, optimizer, sparsifier, _identity(resolved))
+        load_sharded(state["sharded"], model, optimizer, sparsifier, _identity(resolved), verified=state["manifest"])
     except ShardedCheckpointError as e:
         raise ResumeError(str(e)) from None
 
