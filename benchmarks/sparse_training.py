@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import fastsparse as fs
+from fastsparse.core import native
 from fastsparse.core.nets import MLP
 
 SIZES = (4096, 4096, 4096, 4096, 10)
@@ -131,7 +132,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; MLP "
           f"{'-'.join(map(str, SIZES))}, batch {args.batch}, SGD momentum 0.9, RigL every {UPDATE_EVERY} steps; "
-          f"medians of {args.repeats} interleaved windows")
+          f"medians of {args.repeats} interleaved windows; sparse kernels: {native.status()}")
     dense = dense_bytes()
     rows = []
     header = (f"{'sparsity':>8} {'execution':>9} {'masked ms/step':>14} {'sparse ms/step':>14} "
@@ -150,7 +151,7 @@ def main() -> None:
             print(f"{'':>8} auto ran {sparse_layers} of {len(row['layers'])} layers sparse: {row['layers']}")
     by = {round(r["sparsity"], 4): r for r in rows}
     result = {"benchmark": "sparse_training", "model": "mlp-" + "-".join(map(str, SIZES)), "batch": args.batch,
-              "threads": torch.get_num_threads(), "dense_bytes": dense, "rows": rows}
+              "threads": torch.get_num_threads(), "kernels": native.status(), "dense_bytes": dense, "rows": rows}
     for key, s in (("speedup_90", 0.9), ("speedup_95", 0.95), ("speedup_98", 0.98)):
         if s in by:
             result[key] = round(by[s]["speedup"], 3)

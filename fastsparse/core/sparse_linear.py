@@ -9,7 +9,11 @@ the (out, in) weight ``W``, plus an index structure (:class:`CSRStructure`):
 * ``perm`` (nnz,)                              ``values[perm]`` = values of ``W^T``
                                                 in its CSR order
 
-Kernels (CPU, torch 2.13 with MKL; chosen by measurement, see bench_kernels.py):
+Kernels (CPU): the compiled kernels of :mod:`.native` (CSR @ dense for the forward and the
+input gradient, which reads W^T's values through ``perm`` instead of gathering them, and the
+sampled product for the weight gradient) wherever they are built and the tensors are contiguous
+float32, measured 2-3x faster than MKL's (``benchmarks/native_kernels.py``). Otherwise, and on
+CUDA, torch's kernels (torch 2.13 with MKL; chosen by measurement):
 
 * forward   ``y^T = b 1^T + A @ x^T`` computed by ``torch.addmm(yT, A, xT, out=yT)``
   in place into a fresh (out, N) buffer holding the bias, with ``A`` the CSR of
@@ -55,6 +59,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from . import native
 from .csr import CSRStructure, _csr, build_sparse, random_flat, relocate, structure_from_flat
 
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
@@ -103,13 +108,16 @@ class SparseLinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, in_f)
         n = x2.shape[0]
         xT = x2.t().contiguous()                              # (in, N); free if x is a transposed view
-        A = _csr(st.crow, st.col, values, (out_f, in_f))
-        yT = torch.empty(out_f, n, dtype=x.dtype, device=x.device)
-        if bias is not None:                                  # y^T = b 1^T + A x^T, in place
-            yT.copy_(bias.unsqueeze(1).expand(out_f, n))
-            torch.addmm(yT, A, xT, out=yT)
-        else:                                                 # beta=0: yT's content is ignored
-            torch.addmm(yT, A, xT, beta=0.0, out=yT)
+        if native.usable(xT, values, bias, st.crow, st.col):  # y^T = b 1^T + A x^T, compiled
+            yT = native.spmm(st.crow, st.col, values, xT, bias)
+        else:
+            A = _csr(st.crow, st.col, values, (out_f, in_f))
+            yT = torch.empty(out_f, n, dtype=x.dtype, device=x.device)
+            if bias is not None:                              # y^T = b 1^T + A x^T, in place
+                yT.copy_(bias.unsqueeze(1).expand(out_f, n))
+                torch.addmm(yT, A, xT, out=yT)
+            else:                                             # beta=0: yT's content is ignored
+                torch.addmm(yT, A, xT, beta=0.0, out=yT)
         ctx.st = st
         ctx.lead = lead
         ctx.sink = sink
@@ -125,13 +133,18 @@ class SparseLinearFn(torch.autograd.Function):
         g2 = gy.reshape(-1, out_f)
         gT = g2.t().contiguous()                              # (out, N)
         grad_x = grad_v = grad_b = None
-        if ctx.needs_input_grad[0]:
+        compiled = native.usable(gT, xT, values, st.crow, st.col)
+        if ctx.needs_input_grad[0] and compiled:              # W^T's values read through perm, no gather
+            grad_x = native.spmm(st.crow_t, st.col_t, values, gT, perm=st.perm).t().reshape(*ctx.lead, in_f)
+        elif ctx.needs_input_grad[0]:
             vt = gather(values.detach(), st.perm)             # values in CSR order of W^T
             AT = _csr(st.crow_t, st.col_t, vt, (in_f, out_f))
             gxT = torch.empty(in_f, gT.shape[1], dtype=gT.dtype, device=gT.device)
             torch.addmm(gxT, AT, gT, beta=0.0, out=gxT)          # in place, no zero-fill/copy
             grad_x = gxT.t().reshape(*ctx.lead, in_f)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and compiled:
+            grad_v = native.sddmm(st.crow, st.col, gT, xT)
+        elif ctx.needs_input_grad[1]:
             grad_v = torch.zeros(st.nnz, dtype=gT.dtype, device=gT.device)
             if st.nnz and gT.shape[1]:
                 G = _csr(st.crow, st.col, grad_v, (out_f, in_f))

@@ -32,12 +32,13 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..core import native
 from ..core.masks import MASK_SUFFIX, SparseParam
 from ..core.sharded import global_count
 from ..core.sparse_linear import SparseLinear
 from .recipe import EntryPointRefused, recipe_class
 
-__all__ = ["EXECUTIONS", "ExecutionRefused", "check_plan", "match_layout", "Choice", "CompactParam", "choose", "to_compact", "check_execution", "compact_params",
+__all__ = ["cpu_kernels", "EXECUTIONS", "ExecutionRefused", "check_plan", "match_layout", "Choice", "CompactParam", "choose", "to_compact", "check_execution", "compact_params",
            "active_count", "numel_of"]
 
 EXECUTIONS = ("masked", "sparse", "auto")
@@ -255,6 +256,16 @@ def choose(groups: Sequence[Any], execution: str | dict[str, str], optimizer: An
                                                                                       f": under the {AUTO_MARGIN}x auto asks for")
                 choices.append(Choice(sp.name, shape, "sparse" if faster else "masked", verdict, masked_ms, sparse_ms))
     return choices
+
+
+def cpu_kernels(choices: Sequence[Choice], model: nn.Module) -> str | None:
+    """Which kernels the sparse layers run on when they run on the CPU (``native (avx512)``, or
+    ``torch (MKL): <why the compiled ones are not used>``); None when no layer runs sparse on it."""
+    if not any(c.execution == "sparse" for c in choices):
+        return None
+    if all(p.device.type != "cpu" for p in model.parameters()):
+        return None
+    return native.status()
 
 
 def _ms_per_call(fn, calls: int) -> float:

@@ -152,6 +152,7 @@ def validate(
 
 def _print_plan(exp: Any, config: Path) -> None:
     """The dry run: each parameter, its shape, algorithm, target density, and what stays dense."""
+    from ..engine.execution import cpu_kernels
     rows = exp.plan.rows if exp.plan is not None else []
     blocks = {r.block for r in rows if r.algorithm is not None}
     table = Table(title=escape(f"{config}: dry run"), title_justify="left")
@@ -187,6 +188,9 @@ def _print_plan(exp: Any, config: Path) -> None:
         out_console.print(f"valid: dense training, {exp.total_steps:,} steps")
     if len(exp.phases) > 1:
         out_console.print("phases: " + ", then ".join(f"{p.name} ({p.epochs} epochs)" for p in exp.phases))
+    kernels = cpu_kernels(list(choices.values()), exp.model)
+    if kernels is not None:
+        out_console.print(f"sparse kernels: {escape(kernels)}", highlight=False)
 
 
 def _execution_cell(choice: Any) -> str:

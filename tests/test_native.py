@@ -1,0 +1,182 @@
+"""The compiled kernels of sparse execution (fastsparse/core/native.py): every instruction set
+against a dense reference, independence of the thread count, the use by SparseLinear, and the
+fallback to torch's kernels with its reason."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastsparse.core import native
+from fastsparse.core.csr import build_sparse
+from fastsparse.core.sparse_linear import SparseLinear
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """The kernels reloaded under the test's environment, and reloaded again afterwards."""
+    for key in (native.ENV_SWITCH, native.ENV_ISA, native.ENV_CACHE, "CXX"):
+        monkeypatch.delenv(key, raising=False)
+    native._reset_for_tests()
+    yield monkeypatch
+    monkeypatch.undo()
+    native._reset_for_tests()
+
+
+def machine_isa() -> int:
+    native._reset_for_tests()
+    assert native.available(), native.status()
+    return native._isa
+
+
+def pattern(rows: int, cols: int, density: float, idx: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=g) < density
+    mask[rows // 2] = False                                   # an empty row
+    W = torch.randn(rows, cols, generator=g) * mask
+    values, st = build_sparse(W, mask, idx)
+    return W, mask, values, st
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("idx", [torch.int32, torch.int64])
+def test_every_instruction_set_matches_the_dense_products(fresh, isa, idx):
+    best = machine_isa()
+    fresh.setenv(native.ENV_ISA, isa)
+    native._reset_for_tests()
+    want = min(best, {v: k for k, v in native.ISA_NAMES.items()}[isa])
+    assert native.status() == f"native ({native.ISA_NAMES[want]})"
+    # every chunk width and a masked tail; the last two pack the wide operand (N > 256 and each of
+    # its rows read by at least 16 nonzeros on average), 700 with a partial last block
+    shapes = [(37, 53, 0.3, n) for n in (1, 5, 16, 100, 128, 129, 300)] + [(200, 20, 0.5, 300), (200, 20, 0.5, 700)]
+    for rows, cols, density, n in shapes:
+        W, mask, values, st = pattern(rows, cols, density, idx, seed=n)
+        if n > 256:
+            assert (values.numel() >= 16 * cols) == (rows == 200)
+        x, g = torch.randn(cols, n), torch.randn(rows, n)
+        bias = torch.randn(rows)
+        torch.testing.assert_close(native.spmm(st.crow, st.col, values, x, bias), W @ x + bias[:, None],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(native.spmm(st.crow, st.col, values, x), W @ x, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(native.spmm(st.crow_t, st.col_t, values, g, perm=st.perm), W.t() @ g,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(native.sddmm(st.crow, st.col, g, x), (g @ x.t())[mask], rtol=1e-5, atol=1e-4)
+
+
+def test_an_empty_pattern_gives_the_bias_and_no_values(fresh):
+    W, mask, values, st = pattern(8, 6, 0.0, torch.int32, seed=0)
+    assert values.numel() == 0
+    bias = torch.randn(8)
+    assert torch.equal(native.spmm(st.crow, st.col, values, torch.randn(6, 4), bias), bias[:, None].expand(8, 4))
+    assert native.sddmm(st.crow, st.col, torch.randn(8, 4), torch.randn(6, 4)).numel() == 0
+
+
+def test_results_do_not_depend_on_the_thread_count(fresh):
+    threads = torch.get_num_threads()
+    for n in (128, 600):                                      # 600: the packed blocks
+        W, mask, values, st = pattern(512, 300, 0.1, torch.int32, seed=1)
+        x, g = torch.randn(300, n), torch.randn(512, n)
+        try:
+            out = {}
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                out[t] = (native.spmm(st.crow, st.col, values, x, None),
+                          native.spmm(st.crow_t, st.col_t, values, g, perm=st.perm),
+                          native.sddmm(st.crow, st.col, g, x))
+        finally:
+            torch.set_num_threads(threads)
+        for t in (2, 3):
+            assert all(torch.equal(a, b) for a, b in zip(out[1], out[t]))
+        torch.testing.assert_close(out[1][0], W @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_the_library_runs_on_the_openmp_runtime_torch_loaded(fresh):
+    """Loading the kernels maps no OpenMP runtime besides the one torch brought (a fresh process:
+    this one has the library loaded already)."""
+    assert native.available(), native.status()
+    code = ("import torch\nfrom fastsparse.core import native\nbefore = native._openmp_runtimes()\n"
+            "assert native.available(), native.status()\nafter = native._openmp_runtimes()\n"
+            "print(len(before), sorted(after - before), any('torch' in r for r in before))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "[]", "True"], done.stdout
+
+
+def layer_grads(layer: SparseLinear, x: torch.Tensor):
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return y.detach(), x.grad, layer.values.grad, layer.bias.grad
+
+
+def test_sparse_linear_runs_on_the_compiled_kernels_and_agrees_with_torchs(fresh):
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 48)
+    mask = torch.rand(48, 64) < 0.2
+    layer = SparseLinear.from_dense(dense, mask)
+    x = torch.randn(128, 64)
+    calls = {"spmm": 0, "sddmm": 0}
+    spmm, sddmm = native.spmm, native.sddmm
+
+    def count(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+    fresh.setattr(native, "spmm", count("spmm", spmm))
+    fresh.setattr(native, "sddmm", count("sddmm", sddmm))
+    compiled = layer_grads(layer, x)
+    assert calls == {"spmm": 2, "sddmm": 1}                   # forward, input gradient, value gradient
+    fresh.setenv(native.ENV_SWITCH, "0")
+    native._reset_for_tests()
+    reference = layer_grads(layer, x)
+    assert calls == {"spmm": 2, "sddmm": 1}                   # torch's kernels this time
+    for a, b in zip(compiled, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    W = dense.weight.detach() * mask                          # and both are the masked layer's
+    torch.testing.assert_close(compiled[0], x @ W.t() + dense.bias.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_switched_off_says_so(fresh):
+    fresh.setenv(native.ENV_SWITCH, "0")
+    assert not native.available()
+    assert native.status() == "torch (MKL): turned off by FASTSPARSE_NATIVE=0"
+    with pytest.raises(RuntimeError, match="not available"):
+        native.spmm(torch.zeros(2, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.zeros(0),
+                    torch.zeros(1, 1))
+
+
+def test_a_failing_compiler_falls_back_with_its_reason(fresh, tmp_path):
+    fresh.setenv("CXX", shutil.which("false"))
+    fresh.setenv(native.ENV_CACHE, str(tmp_path))
+    assert not native.available()
+    assert native.status().startswith("torch (MKL): not compiled: false failed")
+    assert not list(tmp_path.iterdir())                       # no half-written library left behind
+
+
+def test_a_folder_others_can_write_is_not_loaded_from(fresh, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    fresh.setenv(native.ENV_CACHE, str(shared))
+    assert not native.available()
+    assert "writable by other users" in native.status()
+
+
+def test_an_unknown_instruction_set_is_named(fresh):
+    fresh.setenv(native.ENV_ISA, "sse9")
+    assert not native.available()
+    assert "FASTSPARSE_NATIVE_ISA='sse9' is not one of ['avx2', 'avx512', 'portable']" in native.status()
+
+
+def test_a_fresh_cache_builds_and_loads(fresh, tmp_path):
+    fresh.setenv(native.ENV_CACHE, str(tmp_path / "cache"))
+    assert native.available(), native.status()
+    built = list((tmp_path / "cache").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("native-") and built[0].suffix == ".so"
+    assert (tmp_path / "cache").stat().st_mode & 0o077 == 0   # a private folder
