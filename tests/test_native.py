@@ -180,3 +180,22 @@ def test_a_fresh_cache_builds_and_loads(fresh, tmp_path):
     built = list((tmp_path / "cache").iterdir())
     assert len(built) == 1 and built[0].name.startswith("native-") and built[0].suffix == ".so"
     assert (tmp_path / "cache").stat().st_mode & 0o077 == 0   # a private folder
+
+
+def test_a_reused_output_buffer_gives_the_same_product_and_a_wrong_one_is_refused(fresh):
+    W, mask, values, st = pattern(30, 20, 0.3, torch.int32, seed=3)
+    x = torch.randn(20, 7)
+    buf = torch.full((30, 7), float("nan"))                  # its content is ignored
+    out = native.spmm(st.crow, st.col, values, x, out=buf)
+    assert out.data_ptr() == buf.data_ptr()
+    assert torch.equal(out, native.spmm(st.crow, st.col, values, x))
+    with pytest.raises(ValueError, match=r"out must be a contiguous float32 \(30, 7\) tensor"):
+        native.spmm(st.crow, st.col, values, x, out=torch.empty(7, 30))
+
+
+def test_mixed_index_types_are_refused_before_any_read(fresh):
+    W, mask, values, st = pattern(10, 12, 0.3, torch.int32, seed=4)
+    with pytest.raises(ValueError, match="all be int32 or all int64"):
+        native.spmm(st.crow_t, st.col_t, values, torch.randn(10, 3), perm=st.perm.long())
+    with pytest.raises(ValueError, match="all be int32 or all int64"):
+        native.sddmm(st.crow, st.col.long(), torch.randn(10, 3), torch.randn(12, 3))

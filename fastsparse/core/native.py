@@ -193,18 +193,30 @@ def _require() -> None:
         raise RuntimeError(f"the compiled kernels are not available: {status()}")
 
 
+def _same_index_dtype(*indices: Optional[Tensor]) -> None:
+    """The kernels read every index tensor as crow's type: a mixed set would be read out of bounds."""
+    dtypes = {t.dtype for t in indices if t is not None}
+    if len(dtypes) != 1 or not dtypes <= {torch.int32, torch.int64}:
+        raise ValueError(f"the index tensors must all be int32 or all int64, not {sorted(map(str, dtypes))}")
+
+
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
 def spmm(crow: Tensor, col: Tensor, values: Tensor, B: Tensor, bias: Optional[Tensor] = None,
-         perm: Optional[Tensor] = None) -> Tensor:
+         perm: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
     """``bias 1^T + A @ B`` for the CSR matrix ``A`` = (crow, col, values[perm] or values) of
-    ``crow.numel() - 1`` rows and a contiguous (K, N) ``B``: a new contiguous (rows, N) tensor.
-    The caller checks :func:`usable` first."""
+    ``crow.numel() - 1`` rows and a contiguous (K, N) ``B``: a contiguous (rows, N) tensor, new or
+    ``out`` (a reused buffer spares the first touch of its pages; its content is ignored). The
+    caller checks :func:`usable` first."""
     _require()
+    _same_index_dtype(crow, col, perm)
     rows, n = crow.numel() - 1, B.shape[1]
-    out = torch.empty(rows, n, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(rows, n, dtype=torch.float32)
+    elif out.shape != (rows, n) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 ({rows}, {n}) tensor, not {out.dtype} {tuple(out.shape)}")
     if rows == 0 or n == 0:
         return out
     fn = _lib.fs_spmm_i32 if crow.dtype == torch.int32 else _lib.fs_spmm_i64
@@ -218,6 +230,7 @@ def sddmm(crow: Tensor, col: Tensor, G: Tensor, X: Tensor) -> Tensor:
     contiguous (rows, N) ``G`` and (K, N) ``X``, a new (nnz,) tensor. The caller checks
     :func:`usable` first."""
     _require()
+    _same_index_dtype(crow, col)
     nnz, n = col.numel(), G.shape[1]
     if nnz == 0 or n == 0:
         return torch.zeros(nnz, dtype=torch.float32)

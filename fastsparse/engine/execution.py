@@ -42,7 +42,7 @@ __all__ = ["cpu_kernels", "EXECUTIONS", "ExecutionRefused", "check_plan", "match
            "active_count", "numel_of"]
 
 EXECUTIONS = ("masked", "sparse", "auto")
-AUTO_MAX_DENSITY = 0.5   # auto does not time denser layers: measured, sparse kernels lose above ~30%
+AUTO_MAX_DENSITY = 0.5   # auto does not time denser layers: measured, the sparse kernels break even near 50%
 # auto runs a layer sparse only where its lone step is measured this much faster: a lone layer's
 # step flatters the sparse kernels (a whole model adds updates, and the two are timed seconds
 # apart on a busy machine), and a wrong choice for sparse costs more than one for masked
