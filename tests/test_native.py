@@ -199,3 +199,20 @@ def test_mixed_index_types_are_refused_before_any_read(fresh):
         native.spmm(st.crow_t, st.col_t, values, torch.randn(10, 3), perm=st.perm.long())
     with pytest.raises(ValueError, match="all be int32 or all int64"):
         native.sddmm(st.crow, st.col.long(), torch.randn(10, 3), torch.randn(12, 3))
+
+
+def test_the_inference_layer_uses_the_compiled_kernels_from_16_rows(fresh):
+    from fastsparse.deploy.modules import NATIVE_FROM_ROWS, SparseLinear as InferenceLinear
+    torch.manual_seed(0)
+    W = torch.randn(24, 40) * (torch.rand(24, 40) < 0.2)
+    b = torch.randn(24)
+    layer = InferenceLinear(W, b)
+    calls = []
+    spmm = native.spmm
+    fresh.setattr(native, "spmm", lambda *a, **k: calls.append(1) or spmm(*a, **k))
+    for rows in (1, NATIVE_FROM_ROWS - 1, NATIVE_FROM_ROWS, 100):
+        x = torch.randn(rows, 40)
+        torch.testing.assert_close(layer(x), x @ W.t() + b, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2                                    # the two calls of at least 16 rows
+    x3 = torch.randn(4, 5, 40)                                # leading dimensions kept
+    torch.testing.assert_close(layer(x3), x3 @ W.t() + b, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core import native
+
 __all__ = ["SparseLinear", "SemiStructuredLinear", "SparseMultiheadAttention", "is_2to4", "SEMI_STRUCTURED_CPU_NOTE"]
 
 # torch warns once that CSR support is "beta"; the operations used here are tested in this project.
@@ -16,6 +18,11 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 
 SEMI_STRUCTURED_CPU_NOTE = ("2:4 semi-structured sparse kernels are CUDA-only; "
                             "they are not used on CPU (2:4 weights are handled like any other sparse weight)")
+
+# from this many input rows the compiled kernels run the product (measured on a 4096² layer at 90 and
+# 98 %: 1.5x faster than MKL at 16 rows, 2.2-2.9x at 64; at 1-4 rows 0-10 % slower)
+NATIVE_FROM_ROWS = 16
+
 
 def _csr_parts(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(row pointers, column indices, values) of a 2-D weight's nonzeros, int32 indices."""
@@ -30,7 +37,9 @@ def _csr_parts(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class SparseLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` held in CSR form (int32 indices; explicit zeros dropped).
+    """``y = x W^T + b`` with ``W`` held in CSR form (int32 indices; explicit zeros dropped),
+    computed by the compiled kernels of :mod:`fastsparse.core.native` from ``NATIVE_FROM_ROWS``
+    input rows on (float32, CPU), by torch's CSR kernels otherwise.
 
     The CSR parts are plain buffers (``crow_indices``, ``col_indices``, ``values``), so the
     module can be copied, moved and saved like any other; the CSR tensor itself is built
@@ -68,6 +77,10 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         cols = x.reshape(-1, self.in_features).t()
+        if (cols.shape[1] >= NATIVE_FROM_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+                and native.usable(self.values, self.bias, self.crow_indices, self.col_indices)):
+            y = native.spmm(self.crow_indices, self.col_indices, self.values, cols.contiguous(), self.bias)
+            return y.t().reshape(*lead, self.out_features)
         if self.bias is None:
             y = torch.sparse.mm(self.weight, cols)
         else:
