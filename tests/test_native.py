@@ -216,3 +216,66 @@ def test_the_inference_layer_uses_the_compiled_kernels_from_16_rows(fresh):
     assert len(calls) == 2                                    # the two calls of at least 16 rows
     x3 = torch.randn(4, 5, 40)                                # leading dimensions kept
     torch.testing.assert_close(layer(x3), x3 @ W.t() + b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_with_other_index_types_and_counts_loads_as_one_type(fresh):
+    """A layer saved with int64 indices and another count loads into an int32 layer with all five
+    index tensors int64 (mixed types would send the kernels out of bounds), and computes right."""
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(20, 12)
+    small = SparseLinear.from_dense(dense, torch.rand(12, 20) < 0.2)
+    big_mask = torch.rand(12, 20) < 0.5
+    saved = SparseLinear.from_dense(dense, big_mask, index_dtype=torch.int64).state_dict()
+    assert small.crow.dtype == torch.int32 and saved["crow"].dtype == torch.int64
+    small.load_state_dict(saved)
+    assert {getattr(small, n).dtype for n in ("crow", "col", "crow_t", "col_t", "perm")} == {torch.int64}
+    x = torch.randn(128, 20)
+    torch.testing.assert_close(small(x), x @ (dense.weight * big_mask).t() + dense.bias, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="size mismatch"):   # another shape is still refused
+        SparseLinear.from_dense(torch.nn.Linear(20, 13), torch.rand(13, 20) < 0.5).load_state_dict(saved)
+
+
+def test_float64_layers_run_on_torchs_kernels_and_say_so_once(fresh, caplog):
+    from fastsparse.core import sparse_linear
+    fresh.setattr(sparse_linear, "_told", set())
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(20, 12).double()
+    layer = SparseLinear.from_dense(dense, torch.rand(12, 20) < 0.3)
+    x = torch.randn(32, 20, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="fastsparse"):
+        for _ in range(3):
+            y = layer(x)
+    torch.testing.assert_close(y, x @ (dense.weight * layer.mask()).t() + dense.bias)
+    told = [r.getMessage() for r in caplog.records if "torch's kernels" in r.getMessage()]
+    assert told == ["sparse layers with torch.float64 tensors (the compiled kernels take float32) run on torch's "
+                    "kernels, 2-3x slower than the compiled ones"]
+
+
+def test_the_first_load_is_waited_for_by_every_thread(fresh, tmp_path):
+    """Threads that ask while the library is being built wait for it instead of running torch's
+    kernels with no reason given."""
+    import threading
+    fresh.setenv(native.ENV_CACHE, str(tmp_path / "cache"))    # an empty cache: a real build
+    results = []
+    threads = [threading.Thread(target=lambda: results.append((native.available(), native.status())))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and all(ok and status.startswith("native (") for ok, status in results), results
+
+
+def test_the_kernels_refuse_arguments_that_do_not_fit(fresh):
+    W, mask, values, st = pattern(10, 12, 0.3, torch.int32, seed=5)
+    with pytest.raises(ValueError, match="cannot take torch.float64"):
+        native.spmm(st.crow, st.col, values, torch.randn(12, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"G must be \(10, N\) and X \(K, N\)"):
+        native.sddmm(st.crow, st.col, torch.randn(10, 8), torch.randn(12, 4))
+    with pytest.raises(ValueError, match="the bias must have 10 entries"):
+        native.spmm(st.crow, st.col, values, torch.randn(12, 3), torch.randn(9))
+    with pytest.raises(ValueError, match="values for"):
+        native.spmm(st.crow, st.col, values[:-1], torch.randn(12, 3))
+    assert native.unfit(torch.randn(3, 4).t()) == "a non-contiguous tensor"
+    assert native.unfit(torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)) == \
+        "index tensors of mixed types"

@@ -411,6 +411,10 @@ void spmm_all(const I* crow, const I* col, const float* val, const I* perm, cons
 template <typename I>
 void sddmm_all(const I* crow, const I* col, const float* G, const float* X, float* out, int64_t rows, int64_t K,
                int64_t N, int threads, int isa) {
+  if (N == 0) {                                        // empty dot products
+    if (rows > 0) std::memset(out, 0, sizeof(float) * (int64_t)crow[rows]);
+    return;
+  }
   if (threads < 1 || rows < 2 * threads) threads = 1;
   float* xp = nullptr;
   float* gp = nullptr;

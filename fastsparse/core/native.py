@@ -25,6 +25,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import stat
 import subprocess
@@ -37,7 +38,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["available", "status", "spmm", "sddmm", "usable", "turned_off", "ISA_NAMES"]
+__all__ = ["available", "status", "spmm", "sddmm", "usable", "unfit", "turned_off", "ISA_NAMES"]
 
 ENV_SWITCH = "FASTSPARSE_NATIVE"        # "0": use torch's kernels
 ENV_CACHE = "FASTSPARSE_CACHE"
@@ -49,15 +50,23 @@ _SOURCE = Path(__file__).with_name("_native.cpp")
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _isa = 0
-_reason: Optional[str] = None            # why the kernels are not used (None: not tried yet / in use)
-_tried = False
+_reason: Optional[str] = None            # why the kernels are not used (None: not loaded yet / in use)
+_done = False                            # the first load has finished (or failed)
 _off = 0                                 # > 0 inside turned_off()
 
 
-def _compiler() -> Optional[str]:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+def _compiler() -> Optional[list[str]]:
+    """The compiler's command: ``$CXX`` (which may hold arguments, e.g. ``ccache g++``), else the
+    first of c++, g++, clang++ found."""
+    given = shlex.split(os.environ.get("CXX", ""))
+    if given:
+        found = shutil.which(given[0])
+        if found is None:
+            raise RuntimeError(f"CXX={os.environ['CXX']!r}: {given[0]} not found")
+        return [found, *given[1:]]
+    for name in ("c++", "g++", "clang++"):
+        if shutil.which(name):
+            return [shutil.which(name)]
     return None
 
 
@@ -75,10 +84,10 @@ def _build() -> Path:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = subprocess.run([*cxx, "--version"], capture_output=True, timeout=60).stdout.decode(errors="replace")
     key = hashlib.sha256(_SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()
                          + platform.machine().encode()).hexdigest()[:16]
-    folder = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "fastsparse")
+    folder = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "fastsparse").expanduser()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     problem = _private_dir(folder)
     if problem:
@@ -88,12 +97,12 @@ def _build() -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
         try:
-            done = subprocess.run([cxx, *FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True,
-                                  timeout=300)
+            done = subprocess.run([*cxx, *FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, timeout=300)
             if done.returncode != 0:
-                lines = (done.stderr or done.stdout).strip().splitlines() or ["no message"]
+                text = (done.stderr or done.stdout).decode(errors="replace")
+                lines = text.strip().splitlines() or ["no message"]
                 first = next((line for line in lines if "error" in line), lines[-1])
-                raise RuntimeError(f"{Path(cxx).name} failed: {first.strip()[:300]}")
+                raise RuntimeError(f"{Path(cxx[0]).name} failed: {first.strip()[:300]}")
             os.replace(tmp, target)   # atomic: a concurrent process sees the old state or the whole file
         finally:
             if os.path.exists(tmp):
@@ -113,46 +122,50 @@ def _openmp_runtimes() -> set[str]:
 
 
 def _load() -> None:
-    global _lib, _isa, _reason, _tried
+    """Build and load the library once per process; every caller waits for the first one."""
+    global _lib, _isa, _reason, _done
     with _lock:
-        if _tried:
+        if _done:
             return
-        _tried = True
-        if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-            _reason = f"turned off by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
-            return
-        before = _openmp_runtimes()
         try:
-            lib = ctypes.CDLL(str(_build()))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            _reason = f"not compiled: {err}"
-            return
-        ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        for name in ("fs_spmm_i32", "fs_spmm_i64"):
-            getattr(lib, name).argtypes = [ptr] * 7 + [i64, i64, i64, c_int, c_int]
-            getattr(lib, name).restype = None
-        for name in ("fs_sddmm_i32", "fs_sddmm_i64"):
-            getattr(lib, name).argtypes = [ptr] * 5 + [i64, i64, i64, c_int, c_int]
-            getattr(lib, name).restype = None
-        added = _openmp_runtimes() - before
-        if added and before:
-            _reason = f"the compiled library brought another OpenMP runtime ({', '.join(sorted(added))})"
-            return
-        lib.fs_isa.restype = c_int
-        isa = lib.fs_isa()
-        cap = os.environ.get(ENV_ISA)
-        if cap:
-            by_name = {v: k for k, v in ISA_NAMES.items()}
-            if cap not in by_name:
-                _reason = f"{ENV_ISA}={cap!r} is not one of {sorted(by_name)}"
-                return
-            isa = min(isa, by_name[cap])
-        _lib, _isa = lib, isa
+            _lib, _isa, _reason = _open()
+        except Exception as err:   # whatever went wrong, the kernels are not used and status() says why
+            _lib, _reason = None, f"not compiled: {type(err).__name__}: {err}"
+        finally:
+            _done = True
+
+
+def _open() -> tuple[Optional[ctypes.CDLL], int, Optional[str]]:
+    """(library, instruction set, None), or (None, 0, why not)."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, 0, f"turned off by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
+    cap = os.environ.get(ENV_ISA, "").strip().lower()
+    by_name = {v: k for k, v in ISA_NAMES.items()}
+    if cap and cap not in by_name:
+        return None, 0, f"{ENV_ISA}={os.environ[ENV_ISA]!r} is not one of {sorted(by_name)}"
+    before = _openmp_runtimes()
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        return None, 0, f"not compiled: {err}"
+    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for name in ("fs_spmm_i32", "fs_spmm_i64"):
+        getattr(lib, name).argtypes = [ptr] * 7 + [i64, i64, i64, c_int, c_int]
+        getattr(lib, name).restype = None
+    for name in ("fs_sddmm_i32", "fs_sddmm_i64"):
+        getattr(lib, name).argtypes = [ptr] * 5 + [i64, i64, i64, c_int, c_int]
+        getattr(lib, name).restype = None
+    added = _openmp_runtimes() - before
+    if added and before:
+        return None, 0, f"the compiled library brought another OpenMP runtime ({', '.join(sorted(added))})"
+    lib.fs_isa.restype = c_int
+    isa = lib.fs_isa()
+    return lib, min(isa, by_name[cap]) if cap else isa, None
 
 
 def available() -> bool:
     """Whether the compiled kernels run here (compiles them on the first call)."""
-    if not _tried:
+    if not _done:
         _load()
     return _lib is not None
 
@@ -176,21 +189,45 @@ def turned_off() -> Iterator[None]:
         _off -= 1
 
 
-def usable(*tensors: Optional[Tensor]) -> bool:
-    """The compiled kernels take contiguous float32 CPU tensors (and int32/int64 indices)."""
-    if _off:
-        return False
+def unfit(*tensors: Optional[Tensor]) -> Optional[str]:
+    """Why these tensors cannot go to the compiled kernels (None: they can). The kernels take
+    contiguous CPU tensors: float32 data and indices all int32 or all int64."""
+    indices = set()
     for t in tensors:
         if t is None:
             continue
-        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in (torch.float32, torch.int32, torch.int64):
-            return False
-    return available()
+        if t.device.type != "cpu":
+            return f"a {t.device.type} tensor"
+        if t.dtype in (torch.int32, torch.int64):
+            indices.add(t.dtype)
+        elif t.dtype != torch.float32:
+            return f"{t.dtype} tensors (the compiled kernels take float32)"
+        if not t.is_contiguous():
+            return "a non-contiguous tensor"
+    if len(indices) > 1:
+        return "index tensors of mixed types"
+    return None
+
+
+def usable(*tensors: Optional[Tensor]) -> bool:
+    """Whether the compiled kernels run here and take these tensors (see :func:`unfit`)."""
+    return not _off and unfit(*tensors) is None and available()
 
 
 def _require() -> None:
     if not available():
         raise RuntimeError(f"the compiled kernels are not available: {status()}")
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+def _fit(*tensors: Optional[Tensor]) -> None:
+    why = unfit(*tensors)
+    if why is not None:
+        raise ValueError(f"the compiled kernels cannot take {why}")
 
 
 def _same_index_dtype(*indices: Optional[Tensor]) -> None:
@@ -212,7 +249,14 @@ def spmm(crow: Tensor, col: Tensor, values: Tensor, B: Tensor, bias: Optional[Te
     caller checks :func:`usable` first."""
     _require()
     _same_index_dtype(crow, col, perm)
-    rows, n = crow.numel() - 1, B.shape[1]
+    rows = crow.numel() - 1
+    _check(B.dim() == 2, f"B must be 2-D, not {tuple(B.shape)}")
+    _check(crow.numel() > 0 and col.numel() == int(crow[-1]), "crow[-1] must be col's length")
+    _check(values.numel() == col.numel(), f"{values.numel()} values for {col.numel()} indices")
+    _check(perm is None or perm.numel() == col.numel(), "perm must have one entry per index")
+    _check(bias is None or bias.numel() == rows, f"the bias must have {rows} entries")
+    _fit(values, B, bias, perm, crow, col)
+    n = B.shape[1]
     if out is None:
         out = torch.empty(rows, n, dtype=torch.float32)
     elif out.shape != (rows, n) or out.dtype != torch.float32 or not out.is_contiguous():
@@ -231,6 +275,11 @@ def sddmm(crow: Tensor, col: Tensor, G: Tensor, X: Tensor) -> Tensor:
     :func:`usable` first."""
     _require()
     _same_index_dtype(crow, col)
+    rows = crow.numel() - 1
+    _check(G.dim() == 2 and X.dim() == 2 and G.shape[0] == rows and X.shape[1] == G.shape[1],
+           f"G must be ({rows}, N) and X (K, N), not {tuple(G.shape)} and {tuple(X.shape)}")
+    _check(crow.numel() > 0 and col.numel() == int(crow[-1]), "crow[-1] must be col's length")
+    _fit(G, X, crow, col)
     nnz, n = col.numel(), G.shape[1]
     if nnz == 0 or n == 0:
         return torch.zeros(nnz, dtype=torch.float32)
@@ -243,6 +292,6 @@ def sddmm(crow: Tensor, col: Tensor, G: Tensor, X: Tensor) -> Tensor:
 
 def _reset_for_tests() -> None:
     """Forget the loaded library so that the next call reads the environment again."""
-    global _lib, _isa, _reason, _tried
+    global _lib, _isa, _reason, _done
     with _lock:
-        _lib, _isa, _reason, _tried = None, 0, None, False
+        _lib, _isa, _reason, _done = None, 0, None, False

@@ -51,6 +51,7 @@ tensor.
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +64,8 @@ from . import native
 from .csr import CSRStructure, _csr, build_sparse, random_flat, relocate, structure_from_flat
 
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+
+log = logging.getLogger("fastsparse")
 
 __all__ = ["SparseLinearFn", "sparse_linear", "SparseLinear", "dense_state_dict"]
 
@@ -92,6 +95,21 @@ def gather(values: Tensor, index: Tensor) -> Tensor:
     return out
 
 
+_told: set = set()
+
+
+def _compiled(*tensors: Optional[Tensor]) -> bool:
+    """Whether the compiled kernels take these tensors; where they are built but cannot, the
+    reason is logged once (float64 layers, for one, run on torch's kernels)."""
+    if native.usable(*tensors):
+        return True
+    why = native.unfit(*tensors)
+    if why is not None and why not in _told and not why.startswith("a cuda") and native.available():
+        _told.add(why)
+        log.warning("sparse layers with %s run on torch's kernels, 2-3x slower than the compiled ones", why)
+    return False
+
+
 class SparseLinearFn(torch.autograd.Function):
     """``y = x @ W^T + b`` with ``W`` given by ``(structure, values)``.
 
@@ -108,7 +126,7 @@ class SparseLinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, in_f)
         n = x2.shape[0]
         xT = x2.t().contiguous()                              # (in, N); free if x is a transposed view
-        if native.usable(xT, values, bias, st.crow, st.col):  # y^T = b 1^T + A x^T, compiled
+        if _compiled(xT, values, bias, st.crow, st.col):     # y^T = b 1^T + A x^T, compiled
             yT = native.spmm(st.crow, st.col, values, xT, bias)
         else:
             A = _csr(st.crow, st.col, values, (out_f, in_f))
@@ -133,7 +151,7 @@ class SparseLinearFn(torch.autograd.Function):
         g2 = gy.reshape(-1, out_f)
         gT = g2.t().contiguous()                              # (out, N)
         grad_x = grad_v = grad_b = None
-        compiled = native.usable(gT, xT, values, st.crow, st.col)
+        compiled = _compiled(gT, xT, values, st.crow, st.col, st.crow_t, st.col_t, st.perm)
         if ctx.needs_input_grad[0] and compiled:              # W^T's values read through perm, no gather
             grad_x = native.spmm(st.crow_t, st.col_t, values, gT, perm=st.perm).t().reshape(*ctx.lead, in_f)
         elif ctx.needs_input_grad[0]:
@@ -209,10 +227,15 @@ class SparseLinear(nn.Module):
             # one must be given the new one (the engine's load_state_dict does)
             self.values = nn.Parameter(torch.empty_like(values, device=self.values.device),
                                        requires_grad=self.values.requires_grad)
-            for name in ("col", "col_t", "perm"):
-                stored = state_dict.get(prefix + name)
-                if isinstance(stored, Tensor):
-                    self._buffers[name] = torch.empty_like(stored, device=self.crow.device)
+        for name in ("crow", "col", "crow_t", "col_t", "perm"):
+            # the stored sizes and index type, all five alike (the kernels read them as one type)
+            # (the row pointers keep their length: another one is a layer of another shape, refused below)
+            stored = state_dict.get(prefix + name)
+            mine = self._buffers[name]
+            resized = stored.shape != mine.shape if isinstance(stored, Tensor) and name not in ("crow", "crow_t") \
+                else False
+            if isinstance(stored, Tensor) and (resized or (stored.dtype != mine.dtype and stored.shape == mine.shape)):
+                self._buffers[name] = torch.empty_like(stored, device=mine.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
