@@ -15,7 +15,7 @@ Memory: the bytes of the parameters and the optimizer state (weights or active v
 masks or the index structure, biases, momentum), read from the live tensors, against dense
 training (weights and momentum, no masks).
 
-    python benchmarks/sparse_training.py                  # the acceptance run (about 4 minutes on 2 cores)
+    python benchmarks/sparse_training.py --repeats 7      # the acceptance run (about 6 minutes on 2 cores)
     python benchmarks/sparse_training.py --repeats 3 --sparsities 0.9
 
 The last line is one JSON object: ``speedup_90``, ``speedup_98`` (masked time / sparse time),
