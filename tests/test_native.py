@@ -279,3 +279,27 @@ def test_the_kernels_refuse_arguments_that_do_not_fit(fresh):
     assert native.unfit(torch.randn(3, 4).t()) == "a non-contiguous tensor"
     assert native.unfit(torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)) == \
         "index tensors of mixed types"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_sparse_layer_after_autocast_layers_trains_in_its_own_dtype(fresh, dtype):
+    """Under CPU autocast a dense Linear hands bf16/fp16 on; the sparse layer computes in float32
+    (torch's CSR kernels have no half types: this was a NotImplementedError inside training)."""
+    from fastsparse.deploy.modules import SparseLinear as InferenceLinear
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 48)
+    mask = torch.rand(10, 48) < 0.3
+    head = torch.nn.Linear(48, 10)
+    sparse = SparseLinear.from_dense(head, mask)
+    x = torch.randn(32, 64)
+    with torch.autocast("cpu", dtype=dtype):
+        hidden = dense(x)
+        out = sparse(hidden)
+    assert hidden.dtype == dtype and out.dtype == torch.float32
+    out.sum().backward()
+    assert dense.weight.grad is not None and torch.isfinite(dense.weight.grad).all()
+    assert sparse.values.grad is not None and torch.isfinite(sparse.values.grad).all()
+    reference = hidden.float().detach() @ (head.weight.detach() * mask).t() + head.bias.detach()
+    torch.testing.assert_close(out.detach(), reference, rtol=1e-5, atol=1e-5)
+    inference = InferenceLinear(head.weight.detach() * mask, head.bias.detach())
+    torch.testing.assert_close(inference(hidden.detach()), reference, rtol=1e-5, atol=1e-5)

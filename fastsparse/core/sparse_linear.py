@@ -256,6 +256,10 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         sink = self.capture if torch.is_grad_enabled() else None
+        if x.is_floating_point() and x.dtype != self.values.dtype:
+            # another dtype arrives from layers under autocast (bf16, fp16): the sparse product runs in
+            # the values' dtype, as autocast runs the ops it does not list; autograd casts the gradient back
+            x = x.to(self.values.dtype)
         return SparseLinearFn.apply(x, self.values, self.bias, self.structure, sink)
 
     def to_dense(self) -> Tensor:

@@ -76,6 +76,8 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
+        if x.is_floating_point() and x.dtype != self.values.dtype:   # e.g. bf16 from layers under autocast
+            x = x.to(self.values.dtype)
         cols = x.reshape(-1, self.in_features).t()
         if (cols.shape[1] >= NATIVE_FROM_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
                 and native.usable(self.values, self.bias, self.crow_indices, self.col_indices)):
