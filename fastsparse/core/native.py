@@ -172,10 +172,10 @@ def available() -> bool:
 
 def status() -> str:
     """Which kernels sparse execution uses on CPU, and why: ``native (avx512)`` or
-    ``torch (MKL): <reason>``."""
+    ``torch (MKL): <reason>`` (torch builds without MKL: ``torch (its CSR kernels): <reason>``)."""
     if available():
         return f"native ({ISA_NAMES[_isa]})"
-    return f"torch (MKL): {_reason}"
+    return f"torch ({'MKL' if torch.backends.mkl.is_available() else 'its CSR kernels'}): {_reason}"
 
 
 @contextmanager
