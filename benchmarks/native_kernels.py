@@ -24,27 +24,15 @@ import torch
 from torch import nn
 
 from fastsparse.core import native
-from fastsparse.core.sparse_linear import SparseLinear, gather
-from fastsparse.core.csr import _csr
+from fastsparse.core.sparse_linear import SparseLinear, forward_torch, grad_values_torch, grad_x_torch
 
 
 def torch_products(layer: SparseLinear, x_t: torch.Tensor, g_t: torch.Tensor) -> dict:
-    """The fallback's three products, as SparseLinearFn runs them without the compiled kernels."""
+    """The fallback's three products, the functions SparseLinearFn runs without the compiled kernels."""
     st, values = layer.structure, layer.values.detach()
-    out_f, in_f = st.shape
-
-    def forward():
-        y = torch.empty(out_f, x_t.shape[1])
-        torch.addmm(y, _csr(st.crow, st.col, values, st.shape), x_t, beta=0.0, out=y)
-
-    def grad_x():
-        gx = torch.empty(in_f, g_t.shape[1])
-        torch.addmm(gx, _csr(st.crow_t, st.col_t, gather(values, st.perm), (in_f, out_f)), g_t, beta=0.0, out=gx)
-
-    def grad_w():
-        G = _csr(st.crow, st.col, torch.zeros_like(values), st.shape)
-        torch.sparse.sampled_addmm(G, g_t, x_t.t(), beta=0.0, out=G)
-    return {"forward": forward, "grad_x": grad_x, "grad_w": grad_w}
+    return {"forward": lambda: forward_torch(st, values, x_t, None),
+            "grad_x": lambda: grad_x_torch(st, values, g_t),
+            "grad_w": lambda: grad_values_torch(st, g_t, x_t)}
 
 
 def measure(sparsity: float, size: int, batch: int, repeats: int) -> dict:

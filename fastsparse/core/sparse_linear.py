@@ -110,6 +110,36 @@ def _compiled(*tensors: Optional[Tensor]) -> bool:
     return False
 
 
+def forward_torch(st: CSRStructure, values: Tensor, xT: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``b 1^T + A x^T`` on torch's CSR kernels (the fallback of :func:`native.spmm`), in place into a
+    fresh (out, N) buffer."""
+    out_f, n = st.shape[0], xT.shape[1]
+    A = _csr(st.crow, st.col, values, st.shape)
+    yT = torch.empty(out_f, n, dtype=xT.dtype, device=xT.device)
+    if bias is None:                                          # beta=0: yT's content is ignored
+        return torch.addmm(yT, A, xT, beta=0.0, out=yT)
+    yT.copy_(bias.unsqueeze(1).expand(out_f, n))
+    return torch.addmm(yT, A, xT, out=yT)
+
+
+def grad_x_torch(st: CSRStructure, values: Tensor, gT: Tensor) -> Tensor:
+    """``A^T g^T`` on torch's CSR kernels: W^T's values gathered into its CSR order, in place into an
+    uninitialized (in, N) buffer (no zero-fill, no copy)."""
+    out_f, in_f = st.shape
+    AT = _csr(st.crow_t, st.col_t, gather(values.detach(), st.perm), (in_f, out_f))
+    gxT = torch.empty(in_f, gT.shape[1], dtype=gT.dtype, device=gT.device)
+    return torch.addmm(gxT, AT, gT, beta=0.0, out=gxT)
+
+
+def grad_values_torch(st: CSRStructure, gT: Tensor, xT: Tensor) -> Tensor:
+    """``g^T x`` at the pattern's positions on torch's kernels, in place into a zeroed (nnz,) buffer."""
+    grad_v = torch.zeros(st.nnz, dtype=gT.dtype, device=gT.device)
+    if st.nnz and gT.shape[1]:
+        G = _csr(st.crow, st.col, grad_v, st.shape)          # result = 0 * G + (g^T @ x) sampled at G
+        torch.sparse.sampled_addmm(G, gT, xT.t(), beta=0.0, alpha=1.0, out=G)
+    return grad_v
+
+
 class SparseLinearFn(torch.autograd.Function):
     """``y = x @ W^T + b`` with ``W`` given by ``(structure, values)``.
 
@@ -123,19 +153,11 @@ class SparseLinearFn(torch.autograd.Function):
                 sink: Optional[list] = None) -> Tensor:
         out_f, in_f = st.shape
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, in_f)
-        n = x2.shape[0]
-        xT = x2.t().contiguous()                              # (in, N); free if x is a transposed view
-        if _compiled(xT, values, bias, st.crow, st.col):     # y^T = b 1^T + A x^T, compiled
+        xT = x.reshape(-1, in_f).t().contiguous()             # (in, N); free if x is a transposed view
+        if _compiled(xT, values, bias, st.crow, st.col):      # y^T = b 1^T + A x^T
             yT = native.spmm(st.crow, st.col, values, xT, bias)
         else:
-            A = _csr(st.crow, st.col, values, (out_f, in_f))
-            yT = torch.empty(out_f, n, dtype=x.dtype, device=x.device)
-            if bias is not None:                              # y^T = b 1^T + A x^T, in place
-                yT.copy_(bias.unsqueeze(1).expand(out_f, n))
-                torch.addmm(yT, A, xT, out=yT)
-            else:                                             # beta=0: yT's content is ignored
-                torch.addmm(yT, A, xT, beta=0.0, out=yT)
+            yT = forward_torch(st, values, xT, bias)
         ctx.st = st
         ctx.lead = lead
         ctx.sink = sink
@@ -148,26 +170,15 @@ class SparseLinearFn(torch.autograd.Function):
         st: CSRStructure = ctx.st
         out_f, in_f = st.shape
         xT, values = ctx.saved_tensors
-        g2 = gy.reshape(-1, out_f)
-        gT = g2.t().contiguous()                              # (out, N)
+        gT = gy.reshape(-1, out_f).t().contiguous()           # (out, N)
         grad_x = grad_v = grad_b = None
         compiled = _compiled(gT, xT, values, st.crow, st.col, st.crow_t, st.col_t, st.perm)
-        if ctx.needs_input_grad[0] and compiled:              # W^T's values read through perm, no gather
-            grad_x = native.spmm(st.crow_t, st.col_t, values, gT, perm=st.perm).t().reshape(*ctx.lead, in_f)
-        elif ctx.needs_input_grad[0]:
-            vt = gather(values.detach(), st.perm)             # values in CSR order of W^T
-            AT = _csr(st.crow_t, st.col_t, vt, (in_f, out_f))
-            gxT = torch.empty(in_f, gT.shape[1], dtype=gT.dtype, device=gT.device)
-            torch.addmm(gxT, AT, gT, beta=0.0, out=gxT)          # in place, no zero-fill/copy
+        if ctx.needs_input_grad[0]:                           # compiled: W^T's values read through perm
+            gxT = native.spmm(st.crow_t, st.col_t, values, gT, perm=st.perm) if compiled \
+                else grad_x_torch(st, values, gT)
             grad_x = gxT.t().reshape(*ctx.lead, in_f)
-        if ctx.needs_input_grad[1] and compiled:
-            grad_v = native.sddmm(st.crow, st.col, gT, xT)
-        elif ctx.needs_input_grad[1]:
-            grad_v = torch.zeros(st.nnz, dtype=gT.dtype, device=gT.device)
-            if st.nnz and gT.shape[1]:
-                G = _csr(st.crow, st.col, grad_v, (out_f, in_f))
-                # in place into grad_v: result = 0 * G + (g^T @ x) sampled at G's pattern
-                torch.sparse.sampled_addmm(G, gT, xT.t(), beta=0.0, alpha=1.0, out=G)
+        if ctx.needs_input_grad[1]:
+            grad_v = native.sddmm(st.crow, st.col, gT, xT) if compiled else grad_values_torch(st, gT, xT)
         if ctx.needs_input_grad[2]:
             grad_b = gT.sum(1)
         if ctx.sink is not None:   # a mask update follows this step: keep what its dense gradient needs
@@ -230,11 +241,12 @@ class SparseLinear(nn.Module):
         for name in ("crow", "col", "crow_t", "col_t", "perm"):
             # the stored sizes and index type, all five alike (the kernels read them as one type)
             # (the row pointers keep their length: another one is a layer of another shape, refused below)
-            stored = state_dict.get(prefix + name)
-            mine = self._buffers[name]
-            resized = stored.shape != mine.shape if isinstance(stored, Tensor) and name not in ("crow", "crow_t") \
-                else False
-            if isinstance(stored, Tensor) and (resized or (stored.dtype != mine.dtype and stored.shape == mine.shape)):
+            stored, mine = state_dict.get(prefix + name), self._buffers[name]
+            if not isinstance(stored, Tensor):
+                continue
+            resized = name not in ("crow", "crow_t") and stored.shape != mine.shape
+            retyped = stored.dtype != mine.dtype and stored.shape == mine.shape
+            if resized or retyped:
                 self._buffers[name] = torch.empty_like(stored, device=mine.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
